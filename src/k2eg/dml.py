@@ -1,0 +1,268 @@
+"""The k2eg client facade: the 0.3.0 API (names, arguments, return shapes) on a sound transport.
+
+Every method is safe to call from many threads at once; each waits only for
+its own reply.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any, Callable, Dict
+
+from k2eg.broker import SnapshotProperties, SnapshotType
+from k2eg.client.environment import load as load_environment
+from k2eg.client.errors import MonitorNotActive, OperationError, OperationTimeout
+from k2eg.client.transport import ClientTransport
+from k2eg.client.values import put_value_map
+from k2eg.protocol import commands as C
+from k2eg.protocol.errors import ProtocolError
+from k2eg.protocol.snapshots import IterationAssembler, OneShotCollector
+from k2eg.protocol.uri import SNAPSHOT_NAME, parse_pv_uri, pv_topic, snapshot_topic
+
+__all__ = ["dml", "OperationTimeout", "OperationError", "SnapshotProperties", "SnapshotType"]
+
+logger = logging.getLogger(__name__)
+
+
+class dml:  # noqa: N801 - the 0.3.0 name
+    """K2EG client: ``dml(environment_id, app_name)``; use as a context manager or call ``close()``."""
+
+    def __init__(self, environment_id: str, app_name: str, group_name: str | None = None,
+                 poll_timeout: float = 0.01, serialization: str = "msgpack"):
+        if app_name is None:
+            raise ValueError("The app name is mandatory")
+        if not isinstance(app_name, str) or not app_name or not all(c.isalnum() or c in "._-" for c in app_name):
+            raise ValueError(f"invalid app name {app_name!r}: use letters, digits, '.', '_' or '-' (it names a Kafka topic)")
+        self._transport: ClientTransport | None = None
+        self._serialization = C.Serialization.parse(serialization)
+        self.environment = load_environment(environment_id)
+        self.app_name = app_name
+        self._transport = ClientTransport(self.environment, app_name, group_name)
+        self._monitors: dict[str, Callable[[str, dict], None]] = {}     # pv name -> handler
+        self._recurring: dict[str, tuple[str, IterationAssembler]] = {}  # snapshot name -> (topic, assembler)
+        self._lock = threading.Lock()
+        logger.info("k2eg client for environment '%s' (%s), app '%s'", environment_id,
+                    self.environment.kafka_broker_url, app_name)
+
+    # ------------------------------------------------------------- helpers
+    def __enter__(self) -> "dml":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def reply_topic(self) -> str:
+        return self._t.reply_topic
+
+    @property
+    def _t(self) -> ClientTransport:
+        if self._transport is None:
+            raise RuntimeError("this k2eg client is closed")
+        return self._transport
+
+    def parse_pv_url(self, pv_url: str) -> tuple[str, str]:
+        """``pva://name`` -> ``("pva", "name")``; ValueError naming the problem."""
+        try:
+            pv = parse_pv_uri(pv_url)
+        except ProtocolError as e:
+            raise ValueError(e.message) from None
+        return pv.protocol, pv.name
+
+    def _pv(self, pv_url: str):
+        try:
+            return parse_pv_uri(pv_url)
+        except ProtocolError as e:
+            raise ValueError(e.message) from None
+
+    def _pvs(self, pv_uri_list: list[str]):
+        if not isinstance(pv_uri_list, (list, tuple)) or not pv_uri_list:
+            raise ValueError("pv_uri_list must be a non-empty list of PV URIs")
+        return tuple(dict.fromkeys(self._pv(u) for u in pv_uri_list))
+
+    def _envelope(self) -> dict:
+        return {"reply_topic": self._t.reply_topic, "reply_id": str(uuid.uuid4()), "serialization": self._serialization}
+
+    def _call(self, cmd: C.Command, timeout: float | None, what: str) -> dict:
+        rec = self._t.request(cmd, timeout)
+        if rec is None:
+            raise OperationTimeout(f"Timeout during {what}")
+        error = rec.get("error", 0)
+        if error != 0:
+            raise OperationError(error, rec.get("message"))
+        return rec
+
+    # ------------------------------------------------------------- operations
+    def wait_for_backends(self, timeout: float = 30.0) -> bool:
+        """The reply topic exists and is read (already true once the constructor returns)."""
+        return self._t.admin.ensure([self._t.reply_topic], timeout) is not None
+
+    def get(self, pv_url: str, timeout: float | None = None):
+        pv = self._pv(pv_url)
+        rec = self._call(C.Get(**self._envelope(), pv=pv), timeout, f"get operation for {pv.name}")
+        return rec[pv.name] if pv.name in rec else rec
+
+    def put(self, pv_url: str, value: Any, timeout: float | None = None):
+        pv = self._pv(pv_url)
+        cmd = C.Put(**self._envelope(), pv=pv, value=put_value_map(value))
+        return self._call(cmd, timeout, f"put operation for {pv.name}")
+
+    def info(self, pv_url: str, timeout: float | None = None) -> dict:
+        """ext: protocol, connection state, native type and structure of a PV."""
+        pv = self._pv(pv_url)
+        rec = self._call(C.Info(**self._envelope(), pv=pv), timeout, f"info operation for {pv.name}")
+        return rec.get(pv.name, rec)
+
+    # ------------------------------------------------------------- monitors
+    def _on_monitor_record(self, topic: str, rec: Any) -> None:
+        if not isinstance(rec, dict) or not rec:
+            return
+        name = next(iter(rec))
+        handler = self._monitors.get(name)
+        if handler is not None:
+            self._t.call_soon(handler, name, rec[name])
+
+    def monitor(self, pv_url: str, handler: Callable[[str, dict], None], timeout: float | None = None):
+        """Call ``handler(pv_name, value)`` for every update; returns the gateway's reply (None if already active)."""
+        pv = self._pv(pv_url)
+        with self._lock:
+            if pv.name in self._monitors:
+                logger.info("Monitor already active for pv %s", pv.name)
+                return None
+        rec = self._call(C.Monitor(**self._envelope(), pv=pv, destination=pv.topic), timeout,
+                         f"start monitor operation for {pv.name}")
+        with self._lock:
+            self._monitors[pv.name] = handler
+        self._t.subscribe(pv.topic, self._on_monitor_record)
+        return rec
+
+    def monitor_many(self, pv_uri_list: list[str], handler: Callable[[str, dict], None], timeout: float | None = None):
+        pvs = self._pvs(pv_uri_list)
+        with self._lock:
+            new = tuple(pv for pv in pvs if pv.name not in self._monitors)
+        if not new:
+            return None
+        rec = self._call(C.MultiMonitor(**self._envelope(), pvs=new), timeout,
+                         f"start monitor operation for {len(new)} PVs")
+        with self._lock:
+            for pv in new:
+                self._monitors[pv.name] = handler
+        for pv in new:
+            self._t.subscribe(pv.topic, self._on_monitor_record)
+        return rec
+
+    def stop_monitor(self, pv_name: str) -> None:
+        """Stop delivering updates of ``pv_name`` (bare name as in 0.3.0, or a URI)."""
+        name = self._pv(pv_name).name if "://" in str(pv_name) else pv_name
+        with self._lock:
+            if name not in self._monitors:
+                raise MonitorNotActive(f"no active monitor for PV '{name}' (active: {', '.join(sorted(self._monitors)) or 'none'})")
+            del self._monitors[name]
+        self._t.unsubscribe(pv_topic(name))
+
+    # ------------------------------------------------------------- snapshots
+    def snapshot(self, pv_uri_list: list[str], handler: Callable[[str, dict], None],
+                 time_window_msec: int = 1000) -> str:
+        """One-shot snapshot; ``handler(reply_id, {pv_name: [values]})`` runs once it completes."""
+        pvs = self._pvs(pv_uri_list)
+        env = self._envelope()
+        rid = env["reply_id"]
+
+        def done(result: dict) -> None:
+            self._t.close_stream(rid)
+            self._t.call_soon(handler, rid, result)
+
+        self._t.open_stream(rid, OneShotCollector([pv.name for pv in pvs], done).feed)
+        self._t.send(C.Snapshot(**env, pvs=pvs, time_window_msec=time_window_msec))
+        return rid
+
+    def snapshot_sync(self, pv_uri_list: list[str], timeout: float = 10.0, time_window_msec: int = 1000) -> dict:
+        result: dict = {}
+        finished = threading.Event()
+
+        def handler(_rid: str, data: dict) -> None:
+            result.update(data)
+            finished.set()
+
+        rid = self.snapshot(pv_uri_list, handler, time_window_msec)
+        if not finished.wait(timeout):
+            self._t.close_stream(rid)
+            raise OperationTimeout(f"Timeout during snapshot operation for {pv_uri_list}")
+        result["error"] = 0
+        return result
+
+    def snapshot_recurring(self, properties: SnapshotProperties, handler: Callable[[str, Dict[str, Any]], None],
+                           timeout: float | None = None):
+        """Start a repeating snapshot; ``handler(snapshot_name, iteration_dict)`` runs once per iteration."""
+        properties.validate()
+        pvs = self._pvs(properties.pv_uri_list)
+        name = properties.snapshot_name
+        cmd = C.RepeatingSnapshot(
+            **self._envelope(), snapshot_name=name, pvs=pvs, time_window_msec=properties.time_window,
+            repeat_delay_msec=properties.repeat_delay, sub_push_delay_msec=properties.sub_push_delay_msec,
+            triggered=properties.triggered, kind=C.SnapshotKind(SnapshotType(properties.type).value),
+            field_filter=tuple(properties.pv_field_filter_list or ()))
+        topic = snapshot_topic(name)
+        assembler = IterationAssembler(name, [pv.name for pv in pvs],
+                                       lambda data: self._t.call_soon(handler, name, data))
+        with self._lock:
+            self._recurring[name] = (topic, assembler)
+        # Read the stream before the first iteration can be published.
+        self._t.admin.ensure([topic])
+        self._t.subscribe(topic, lambda _topic, rec: assembler.feed(rec))
+        self._t.wait_assigned(topic, 30.0)
+        try:
+            rec = self._call(cmd, timeout, f"the submission of snapshot {name}")
+        except Exception:
+            self._forget_recurring(name)
+            raise
+        published = rec.get("publishing_topic")
+        if published and published != topic:
+            self._t.unsubscribe(topic)
+            self._t.subscribe(published, lambda _topic, r: assembler.feed(r))
+            with self._lock:
+                self._recurring[name] = (published, assembler)
+        return rec
+
+    def _forget_recurring(self, name: str) -> None:
+        with self._lock:
+            entry = self._recurring.pop(name, None)
+        if entry is not None:
+            self._t.unsubscribe(entry[0])
+
+    def snapshot_trigger(self, snapshot_name: str, timeout: float | None = None, tags: dict | None = None):
+        """Fire one iteration of a triggered repeating snapshot."""
+        self._validate_snapshot_name(snapshot_name)
+        cmd = C.SnapshotTrigger(**self._envelope(), snapshot_name=snapshot_name, tags=dict(tags or {}))
+        return self._call(cmd, timeout, f"triggering the snapshot {snapshot_name}")
+
+    snapshost_trigger = snapshot_trigger  # 0.3.0's spelling, kept for existing scripts
+
+    def snapshot_stop(self, snapshot_name: str, timeout: float | None = None):
+        self._validate_snapshot_name(snapshot_name)
+        cmd = C.SnapshotStop(**self._envelope(), snapshot_name=snapshot_name)
+        try:
+            return self._call(cmd, timeout, f"stopping the snapshot {snapshot_name}")
+        finally:
+            self._forget_recurring(snapshot_name)
+
+    @staticmethod
+    def _validate_snapshot_name(snapshot_name: str) -> None:
+        if not isinstance(snapshot_name, str) or not SNAPSHOT_NAME.match(snapshot_name):
+            raise ValueError(f"Invalid snapshot name '{snapshot_name}'. Only alphanumeric characters, "
+                             "dashes, and underscores are allowed.")
+
+    # ------------------------------------------------------------- close
+    def close(self) -> None:
+        t, self._transport = self._transport, None
+        if t is not None:
+            t.close()
+
+

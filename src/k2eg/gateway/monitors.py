@@ -1,0 +1,151 @@
+"""One EPICS subscription per PV, fanned out to every destination topic and tap.
+
+Kafka destinations and snapshot taps share the same subscription, so a
+snapshot never steals events from a monitor and vice versa (PROTOCOL 6, 7).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from k2eg.protocol import replies
+from k2eg.protocol.codec import encode
+from k2eg.protocol.commands import Serialization
+from k2eg.protocol.uri import PVUri
+
+from .epics.base import Provider, Subscription
+
+log = logging.getLogger("k2eg.gateway.monitors")
+
+Publish = Callable[[str, str, bytes, Serialization], None]
+Tap = Callable[["Channel", dict], None]
+
+
+@dataclass(eq=False)
+class Channel:
+    """A PV the gateway is subscribed to, with everyone who wants its events."""
+
+    pv: PVUri
+    destinations: dict[str, Serialization] = field(default_factory=dict)  # topic -> serialisation
+    taps: set = field(default_factory=set)
+    last: dict | None = None
+    events: int = 0
+    first_value: threading.Event = field(default_factory=threading.Event)
+    subscription: Subscription | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def connected(self) -> bool:
+        last = self.last
+        return last is not None and not _is_disconnected(last)
+
+    @property
+    def idle(self) -> bool:
+        return not self.destinations and not self.taps
+
+
+def _is_disconnected(tree: dict) -> bool:
+    alarm = tree.get("alarm") if isinstance(tree, dict) else None
+    return isinstance(alarm, dict) and alarm.get("message") == "disconnected" and alarm.get("severity") == 3
+
+
+class MonitorHub:
+    def __init__(self, providers: dict[str, Provider], publish: Publish):
+        self._providers = providers
+        self._publish = publish
+        self._channels: dict[PVUri, Channel] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------- subscribe
+    def _channel(self, pv: PVUri) -> Channel:
+        """The channel of ``pv``, subscribing on first use (caller holds the lock)."""
+        ch = self._channels.get(pv)
+        if ch is None:
+            ch = Channel(pv)
+            self._channels[pv] = ch
+            ch.subscription = self._providers[pv.protocol].monitor(pv.name, lambda tree, ch=ch: self._on_event(ch, tree))
+        return ch
+
+    def add_destination(self, pv: PVUri, topic: str, ser: Serialization) -> Channel:
+        """Route ``pv``'s events to ``topic``; a known value is re-published at once."""
+        with self._lock:
+            ch = self._channel(pv)
+            ch.destinations[topic] = ser
+            last = ch.last
+        if last is not None:
+            self._publish(topic, pv.name, encode(replies.event(pv.name, last), ser, pv.name), ser)
+        return ch
+
+    def add_tap(self, pv: PVUri, tap: Tap) -> Channel:
+        with self._lock:
+            ch = self._channel(pv)
+            ch.taps.add(tap)
+            return ch
+
+    def remove_tap(self, pv: PVUri, tap: Tap) -> None:
+        with self._lock:
+            ch = self._channels.get(pv)
+            if ch is not None:
+                ch.taps.discard(tap)
+                self._drop_if_idle(ch)
+
+    def remove_destination(self, pv: PVUri, topic: str) -> None:
+        with self._lock:
+            ch = self._channels.get(pv)
+            if ch is not None:
+                ch.destinations.pop(topic, None)
+                self._drop_if_idle(ch)
+
+    def _drop_if_idle(self, ch: Channel) -> None:
+        if ch.idle and self._channels.get(ch.pv) is ch:
+            del self._channels[ch.pv]
+            if ch.subscription is not None:
+                try:
+                    ch.subscription.close()
+                except Exception as e:
+                    log.warning("closing subscription of %s: %s", ch.pv, e)
+
+    # ------------------------------------------------------------- events
+    def _on_event(self, ch: Channel, tree: dict) -> None:
+        """EPICS callback thread: encode once per serialisation, publish to each destination."""
+        ch.last = tree
+        ch.events += 1
+        ch.first_value.set()
+        name = ch.pv.name
+        encoded: dict[Serialization, bytes] = {}
+        for topic, ser in list(ch.destinations.items()):
+            data = encoded.get(ser)
+            if data is None:
+                try:
+                    data = encoded[ser] = encode({name: tree}, ser, name)
+                except Exception as e:  # a value we cannot encode must not kill the callback thread
+                    log.error("cannot encode event of %s: %s", ch.pv, e)
+                    return
+            self._publish(topic, name, data, ser)
+        for tap in list(ch.taps):
+            try:
+                tap(ch, tree)
+            except Exception:
+                log.exception("snapshot tap of %s failed", ch.pv)
+
+    # ------------------------------------------------------------- introspection
+    def channels(self) -> list[Channel]:
+        with self._lock:
+            return list(self._channels.values())
+
+    def get(self, pv: PVUri) -> Channel | None:
+        return self._channels.get(pv)
+
+    def close(self) -> None:
+        with self._lock:
+            chans = list(self._channels.values())
+            self._channels.clear()
+        for ch in chans:
+            if ch.subscription is not None:
+                try:
+                    ch.subscription.close()
+                except Exception as e:
+                    log.warning("closing subscription of %s: %s", ch.pv, e)
