@@ -21,6 +21,7 @@ from .epics.base import Provider
 from .kafka import KafkaIO
 from .monitors import MonitorHub
 from .options import Options
+from .snapshots import SnapshotManager
 
 log = logging.getLogger("k2eg.gateway")
 
@@ -35,9 +36,13 @@ class Gateway:
         self.workers = ThreadPoolExecutor(opts.command_workers, thread_name_prefix="k2eg-cmd")
         self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0}
         self._lock = threading.Lock()
+        self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read,
+                                         self.io.admin.ensure)
         self.handlers: dict[type, Callable[[Any], None]] = {
             C.Get: self.on_get, C.Put: self.on_put, C.Info: self.on_info,
             C.Monitor: self.on_monitor, C.MultiMonitor: self.on_multi_monitor,
+            C.Snapshot: self.snapshots.one_shot, C.RepeatingSnapshot: self.snapshots.start,
+            C.SnapshotTrigger: self.snapshots.trigger, C.SnapshotStop: self.snapshots.stop,
         }
 
     # ------------------------------------------------------------- plumbing
@@ -85,7 +90,9 @@ class Gateway:
             log.exception("while replying")
 
     def _run(self, handler: Callable[[Any], None], cmd: C.Command) -> None:
-        key = getattr(getattr(cmd, "pv", None), "uri", None) or replies.PARSE_ERROR_KEY
+        key = getattr(getattr(cmd, "pv", None), "uri", None) or (
+            replies.REPEATING_REPLY_KEY if isinstance(cmd, (C.RepeatingSnapshot, C.SnapshotTrigger, C.SnapshotStop))
+            else replies.SNAPSHOT_KEY if isinstance(cmd, C.Snapshot) else replies.PARSE_ERROR_KEY)
         try:
             handler(cmd)
         except ProtocolError as e:
@@ -97,9 +104,12 @@ class Gateway:
     def provider(self, pv: PVUri) -> Provider:
         return self.providers[pv.protocol]
 
+    def read(self, pv: PVUri) -> dict:
+        return self.provider(pv).get(pv.name, self.timeout)
+
     # ------------------------------------------------------------- commands
     def on_get(self, cmd: C.Get) -> None:
-        tree = self.provider(cmd.pv).get(cmd.pv.name, self.timeout)
+        tree = self.read(cmd.pv)
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, tree), cmd.pv.uri, cmd.pv.name)
 
     def on_put(self, cmd: C.Put) -> None:
@@ -137,6 +147,7 @@ class Gateway:
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
+        self.snapshots.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.hub.close()
 
