@@ -1,0 +1,57 @@
+"""The published k2eg==0.3.0 client, unchanged, against our gateway (issue: wire compatibility)."""
+import sys
+
+import pytest
+
+from .conftest import run_scenario
+
+pytestmark = pytest.mark.e2e
+
+STEPS = "get,put,monitor,monitor_many,errors,snapshot"
+
+
+@pytest.fixture(scope="module")
+def legacy(legacy_python, stack):
+    return run_scenario(legacy_python, stack, "legacy-030", STEPS)
+
+
+@pytest.fixture(scope="module")
+def ours(stack, legacy):  # after the legacy run: both see the same IOC state
+    return run_scenario(sys.executable, stack, "ours-compat", STEPS)
+
+
+def test_legacy_get_both_protocols(legacy):
+    assert legacy["get ca://channel:short"]["value"][:3] == [-3, -2, -1]
+    assert legacy["get pva://channel:short"]["value"][:3] == [-3, -2, -1]
+    for uri in ("ca://variable:a", "pva://variable:a"):
+        s = legacy[f"get {uri}"]["shape"]
+        assert s["value"] == "float" and {"alarm", "timeStamp", "display", "control"} <= set(s)
+    assert set(legacy["get ca://channel:enum"]["shape"]["value"]) == {"index", "choices"}
+
+
+def test_legacy_put_scalar_vector_table_generic_string(legacy):
+    assert legacy["put scalar"] == [3.25, 1.5]
+    assert legacy["put vector"] == [[1.0, 2.0, 3.0], [-7, 7, -32768]]
+    assert legacy["put table"] == {"name": ["p", "q"], "x": [0.5, 1.5], "n": [10, -20]}
+    assert legacy["put generic"] == 42
+    assert legacy["put string"] == "hello k2eg"
+
+
+def test_legacy_monitor_and_monitor_many(legacy):
+    for uri in ("pva://channel:counter", "ca://channel:counter"):
+        m = legacy[f"monitor {uri}"]
+        assert m["names"] == ["channel:counter"] and m["n"]
+    assert legacy["monitor_many"] == ["pva:counter", "variable:sum"]
+
+
+def test_legacy_errors(legacy):
+    assert legacy["error unknown pv"] == {"type": "OperationError", "code": -3}
+    assert legacy["error bad uri"]["type"] == "ValueError"
+
+
+def test_legacy_one_shot_snapshot(legacy):
+    assert legacy["snapshot"] == {"keys": ["channel:counter", "error", "variable:a"], "all_read": True}
+
+
+def test_our_client_hands_user_code_the_same(legacy, ours):
+    assert ours == legacy
