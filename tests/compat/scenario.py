@@ -37,11 +37,13 @@ def error_of(fn):
 
 
 def collect_monitor(uris, n, start):
+    """Events until every PV in ``uris`` delivered ``n`` of them (or the timeout)."""
     got, done = [], threading.Event()
+    wanted = {u.split("://", 1)[1] for u in ([uris] if isinstance(uris, str) else uris)}
 
     def handler(name, value):
         got.append((name, value))
-        if len(got) >= n:
+        if all(sum(1 for g, _ in got if g == w) >= n for w in wanted):
             done.set()
 
     start(uris, handler)
@@ -55,7 +57,7 @@ try:
             for uri in ("ca://variable:a", "pva://variable:a", "ca://channel:enum", "pva://channel:enum",
                         "pva://pva:table", "ca://channel:short", "pva://channel:short"):
                 v = k.get(uri, T)
-                out[f"get {uri}"] = {"shape": shape(v), "value": v["value"] if "short" in uri else None}
+                out[f"get {uri}"] = {"shape": shape(v), "negative": min(v["value"]) < 0 if "short" in uri else None}
         elif step == "put":
             k.put("pva://variable:a", Scalar("value", 3.25), T)
             k.put("ca://variable:b", Scalar(payload=1.5), T)
@@ -64,6 +66,7 @@ try:
             k.put("ca://channel:short", Vector(payload=[-7, 7, -32768]), T)
             out["put vector"] = [list(k.get("ca://channel:waveform", T)["value"])[:3],
                                  list(k.get("pva://channel:short", T)["value"])[:3]]
+            k.put("pva://channel:short", Vector(payload=[-3, -2, -1, 0, 1, 2, 32767, -32768]), T)
             table = NTTable(labels=["name", "x", "n"])
             table.set_column("name", ["p", "q"]).set_column("x", [0.5, 1.5]).set_column("n", [10, -20])
             k.put("pva://pva:table", table, T)
@@ -80,7 +83,7 @@ try:
                 out[f"monitor {uri}"] = {"names": names, "n": len(got) >= 3, "shape": shape(got[0][1])}
                 k.stop_monitor("channel:counter")
         elif step == "monitor_many":
-            got = collect_monitor(["pva://pva:counter", "ca://variable:sum"], 4,
+            got = collect_monitor(["pva://pva:counter", "ca://channel:ramp:ramp"], 2,
                                   lambda u, h: k.monitor_many(u, h, T))
             out["monitor_many"] = sorted({name for name, _ in got})
         elif step == "errors":

@@ -21,8 +21,7 @@ def ours(stack, legacy):  # after the legacy run: both see the same IOC state
 
 
 def test_legacy_get_both_protocols(legacy):
-    assert legacy["get ca://channel:short"]["value"][:3] == [-3, -2, -1]
-    assert legacy["get pva://channel:short"]["value"][:3] == [-3, -2, -1]
+    assert legacy["get ca://channel:short"]["negative"] and legacy["get pva://channel:short"]["negative"]
     for uri in ("ca://variable:a", "pva://variable:a"):
         s = legacy[f"get {uri}"]["shape"]
         assert s["value"] == "float" and {"alarm", "timeStamp", "display", "control"} <= set(s)
@@ -41,7 +40,7 @@ def test_legacy_monitor_and_monitor_many(legacy):
     for uri in ("pva://channel:counter", "ca://channel:counter"):
         m = legacy[f"monitor {uri}"]
         assert m["names"] == ["channel:counter"] and m["n"]
-    assert legacy["monitor_many"] == ["pva:counter", "variable:sum"]
+    assert legacy["monitor_many"] == ["channel:ramp:ramp", "pva:counter"]
 
 
 def test_legacy_errors(legacy):
@@ -54,4 +53,6 @@ def test_legacy_one_shot_snapshot(legacy):
 
 
 def test_our_client_hands_user_code_the_same(legacy, ours):
-    assert ours == legacy
+    for key in legacy:
+        assert ours.get(key) == legacy[key], key
+    assert set(ours) == set(legacy)

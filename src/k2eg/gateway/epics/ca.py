@@ -1,0 +1,848 @@
+"""Channel Access adapter on the libca that pyepics ships.
+
+pyepics' ``PV``/``ca.get``/``ca.put``/``ca.connect_channel`` wait by
+spinning ``ca_pend_event`` loops; with many gateway threads waiting that
+burns a core, and its channel cache shares one channel between every user of
+a name. This adapter takes only libca itself (loaded and initialised by
+pyepics) and pyepics' DBR definitions, and talks to libca through its own
+typed entry points and callbacks: waiting threads sleep on events, and
+monitor updates are decoded straight from the DBR buffer.
+
+Each provider owns a preemptive-callback CA context created from the process
+environment when the provider is built (libca reads EPICS_CA_* then), so a
+gateway or a test sets the environment first; channels are cached per name
+within the provider.
+
+A CA value tree uses the PVA NTScalar field names: ``value, alarm,
+timeStamp`` from the DBR_TIME_* monitor, ``display, control, valueAlarm``
+from one DBR_CTRL_* read per (re)connection plus one read of the record's
+``.DESC``. Enums are ``value{index, choices}``. ``secondsPastEpoch`` is POSIX
+time, as over PVA. Metadata sub-trees are shared between events: treat trees
+as read-only.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import struct
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+from epics import ca, dbr
+
+from k2eg.protocol.errors import ErrorCode
+
+from .base import EventCallback, PVError, ValueTree, connect_timeout
+
+__all__ = ["CAProvider", "CASubscription"]
+
+_log = logging.getLogger(__name__)
+
+EPICS_EPOCH = 631152000  # 1990-01-01 in POSIX seconds
+INVALID = 3
+DISCONNECTED_STATUS = 9  # COMM
+DESC_TIMEOUT = 1.0  # a server without records (no .DESC) delays readiness at most this long
+
+# epicsAlarmConditionStrings; message "" for NO_ALARM like QSRV.
+ALARM_STATUS = (
+    "", "READ", "WRITE", "HIHI", "HIGH", "LOLO", "LOW", "STATE", "COS", "COMM",
+    "TIMEOUT", "HWLIMIT", "CALC", "SCAN", "LINK", "SOFT", "BAD_SUB", "UDF",
+    "DISABLE", "SIMM", "READ_ACCESS", "WRITE_ACCESS",
+)
+FORM_CHOICES = ["Default", "String", "Binary", "Decimal", "Hex", "Exponential", "Engineering"]
+
+# native DBR type -> (element size, struct code, numpy dtype, type name)
+_NATIVE = {
+    dbr.STRING: (40, None, None, "string"),
+    dbr.SHORT: (2, "h", np.int16, "int16"),
+    dbr.FLOAT: (4, "f", np.float32, "float"),
+    dbr.ENUM: (2, "H", np.uint16, "enum"),
+    dbr.CHAR: (1, "B", np.uint8, "uint8"),
+    dbr.LONG: (4, "i", np.int32, "int32"),
+    dbr.DOUBLE: (8, "d", np.float64, "double"),
+}
+_DBR_NAMES = {dbr.STRING: "DBR_STRING", dbr.SHORT: "DBR_SHORT", dbr.FLOAT: "DBR_FLOAT", dbr.ENUM: "DBR_ENUM",
+              dbr.CHAR: "DBR_CHAR", dbr.LONG: "DBR_LONG", dbr.DOUBLE: "DBR_DOUBLE"}
+_TIME_HEADER = struct.Struct("=hhII")  # status, severity, secs, nsec of every DBR_TIME_*
+_SCALAR = {t: struct.Struct("=" + code) for t, (_, code, _, _) in _NATIVE.items() if code}
+_CTRL_FIELDS = ("upper_disp_limit", "lower_disp_limit", "upper_alarm_limit", "upper_warning_limit",
+                "lower_warning_limit", "lower_alarm_limit", "upper_ctrl_limit", "lower_ctrl_limit")
+
+_EVENT_FN = ctypes.CFUNCTYPE(None, dbr.event_handler_args)
+_CONN_FN = ctypes.CFUNCTYPE(None, dbr.connection_args)
+_PRINTF_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class _LibCA:
+    """Typed libca entry points; ``lib[name]`` gives fresh function objects, pyepics' stay untouched."""
+
+    def __init__(self):
+        if ca.libca is None:
+            ca.initialize_libca()  # also loads dbr.value_offset
+        lib = ca.libca
+        vp, py = ctypes.c_void_p, ctypes.py_object
+
+        def fn(name, restype, *argtypes):
+            f = lib[name]
+            f.restype = restype
+            f.argtypes = list(argtypes)
+            return f
+
+        self.context_create = fn("ca_context_create", ctypes.c_int, ctypes.c_int)
+        self.current_context = fn("ca_current_context", vp)
+        self.attach_context = fn("ca_attach_context", ctypes.c_int, vp)
+        self.detach_context = fn("ca_detach_context", None)
+        self.context_destroy = fn("ca_context_destroy", None)
+        self.create_channel = fn("ca_create_channel", ctypes.c_int,
+                                 ctypes.c_char_p, _CONN_FN, py, ctypes.c_uint, ctypes.POINTER(vp))
+        self.clear_channel = fn("ca_clear_channel", ctypes.c_int, vp)
+        # restype py_object would make ctypes drop a reference per call: cast instead.
+        self._puser = fn("ca_puser", vp, vp)
+        self.field_type = fn("ca_field_type", ctypes.c_short, vp)
+        self.element_count = fn("ca_element_count", ctypes.c_ulong, vp)
+        self.host_name = fn("ca_host_name", ctypes.c_char_p, vp)
+        self.read_access = fn("ca_read_access", ctypes.c_uint, vp)
+        self.write_access = fn("ca_write_access", ctypes.c_uint, vp)
+        self.array_get_callback = fn("ca_array_get_callback", ctypes.c_int,
+                                     ctypes.c_long, ctypes.c_ulong, vp, _EVENT_FN, py)
+        self.array_put_callback = fn("ca_array_put_callback", ctypes.c_int,
+                                     ctypes.c_long, ctypes.c_ulong, vp, vp, _EVENT_FN, py)
+        self.create_subscription = fn("ca_create_subscription", ctypes.c_int,
+                                      ctypes.c_long, ctypes.c_ulong, vp, ctypes.c_long, _EVENT_FN, py,
+                                      ctypes.POINTER(vp))
+        self.clear_subscription = fn("ca_clear_subscription", ctypes.c_int, vp)
+        self.flush_io = fn("ca_flush_io", ctypes.c_int)
+        self.message = fn("ca_message", ctypes.c_char_p, ctypes.c_long)
+        self.replace_printf_handler = fn("ca_replace_printf_handler", ctypes.c_int, _PRINTF_FN)
+
+    def puser(self, chid: int) -> Any:
+        return ctypes.cast(self._puser(chid), ctypes.py_object).value
+
+
+_lib: _LibCA | None = None
+_lib_lock = threading.Lock()
+_providers: "weakref.WeakSet[CAProvider]" = weakref.WeakSet()
+
+
+def _libca() -> _LibCA:
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _LibCA()
+            # Registered after pyepics' own handler, so it runs first: libca
+            # threads must not call into an interpreter that is shutting down.
+            atexit.register(_close_providers)
+        return _lib
+
+
+def _close_providers() -> None:
+    for provider in list(_providers):
+        try:
+            provider.close()
+        except Exception:
+            _log.exception("closing a CA provider at exit failed")
+
+
+def _message(status: int) -> str:
+    try:
+        return _lib.message(status).decode()
+    except Exception:
+        return f"CA status {status}"
+
+
+# -- libca callbacks (libca threads; usr/puser is the Python object given) -----
+def _on_connection(args) -> None:
+    try:
+        _lib.puser(args.chid)._connection(args.op == dbr.OP_CONN_UP, args.chid)
+    except Exception:
+        _log.exception("CA connection callback failed")
+
+
+def _on_get(args) -> None:
+    req = args.usr
+    try:
+        req.complete(args)
+    except Exception as e:  # never let an exception escape into libca
+        _log.exception("CA get callback failed")
+        req.fail(f"cannot decode reply: {e}")
+
+
+def _on_put(args) -> None:
+    req = args.usr
+    req.status = args.status
+    req.done.set()
+    req.inflight.discard(req)
+
+
+def _on_event(args) -> None:
+    sub = args.usr
+    try:
+        sub._event(args)
+    except Exception:
+        _log.exception("CA monitor callback failed for %s", getattr(sub, "name", "?"))
+
+
+def _on_printf(fmt: bytes, _args) -> int:
+    # libca's console messages ("Virtual circuit disconnect", ...): the
+    # events already say it; keep them for debugging only.
+    _log.debug("libca: %s", (fmt or b"").decode(errors="replace").strip())
+    return 0
+
+
+_CONN_CB = _CONN_FN(_on_connection)
+_PRINTF_CB = _PRINTF_FN(_on_printf)
+_GET_CB = _EVENT_FN(_on_get)
+_PUT_CB = _EVENT_FN(_on_put)
+_EVENT_CB = _EVENT_FN(_on_event)
+
+
+# -- requests ----------------------------------------------------------------
+class _Request:
+    """One get in flight; held in the provider's in-flight set while libca holds a pointer to it."""
+
+    __slots__ = ("channel", "kind", "done", "result", "error", "__weakref__")
+
+    def __init__(self, channel: "_Channel", kind: str):
+        self.channel = channel
+        self.kind = kind  # "time", "ctrl" or "desc"
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: str | None = None
+        channel.provider._inflight.add(self)
+
+    def complete(self, args) -> None:
+        ch = self.channel
+        if args.status != dbr.ECA_NORMAL:
+            self.fail(_message(args.status))
+            return
+        if self.kind == "time":
+            self.result = ch.decode(args)
+        elif self.kind == "ctrl":
+            ch.provider._ctrl_done(ch, args)
+        else:
+            ch.provider._desc_finished(ch, _string_at(args.raw_dbr))
+        self._finish()
+
+    def fail(self, why: str) -> None:
+        self.error = why
+        ch = self.channel
+        if self.kind == "ctrl":
+            ch.provider._ctrl_failed(ch, why)
+        elif self.kind == "desc":
+            ch.provider._desc_finished(ch, "")
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done.set()
+        self.channel.provider._inflight.discard(self)
+
+
+class _PutRequest:
+    __slots__ = ("done", "status", "data", "inflight", "__weakref__")
+
+    def __init__(self, data, inflight: set):
+        self.done = threading.Event()
+        self.status: int | None = None
+        self.data = data  # the buffer stays alive until libca answers
+        self.inflight = inflight
+        inflight.add(self)
+
+
+def _string_at(address: int, offset: int = 0) -> str:
+    return ctypes.string_at(address + offset, 40).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# -- channels ----------------------------------------------------------------
+class _Channel:
+    """One CA channel: connection state, cached metadata, subscriptions."""
+
+    def __init__(self, provider: "CAProvider", name: str):
+        self.provider = provider
+        self.name = name
+        self.chid: int | None = None
+        self.connected = threading.Event()
+        self.ready = threading.Event()  # connected and metadata read
+        self.ftype = -1
+        self.count = 1
+        self.meta: dict[str, Any] = {}  # display/control/valueAlarm sub-trees
+        self.choices: list[str] = []
+        self.description = ""
+        self.ctrl_pending = False
+        self.desc_pending = False
+        self.desc: _DescLink | None = None
+        self.subs: list[CASubscription] = []
+        self.lock = threading.RLock()
+
+    def _connection(self, up: bool, chid: int) -> None:
+        self.provider._connection(self, up, chid)
+
+    def decode(self, args) -> ValueTree:
+        """A DBR_TIME_* buffer as a value tree (runs on libca threads)."""
+        ftype, count = args.type, args.count
+        ntype = dbr.native_type(ftype)
+        size = _NATIVE[ntype][0]
+        off = dbr.value_offset[ftype]
+        buf = ctypes.string_at(args.raw_dbr, off + max(count, 1) * size)
+        status, severity, secs, nsec = _TIME_HEADER.unpack_from(buf)
+        if ntype == dbr.STRING:
+            strings = [buf[o:o + 40].split(b"\0", 1)[0].decode("utf-8", "replace")
+                       for o in range(off, off + count * 40, 40)]
+            value: Any = strings if self.count > 1 else (strings[0] if strings else "")
+        elif self.count > 1:
+            value = np.frombuffer(buf, _NATIVE[ntype][2], count, off)
+        else:
+            value = _SCALAR[ntype].unpack_from(buf, off)[0]
+            if ntype == dbr.ENUM:
+                value = {"index": value, "choices": self.choices}
+        tree = {
+            "value": value,
+            "alarm": {"severity": severity, "status": status,
+                      "message": ALARM_STATUS[status] if status < len(ALARM_STATUS) else str(status)},
+            "timeStamp": {"secondsPastEpoch": secs + EPICS_EPOCH, "nanoseconds": nsec, "userTag": 0},
+        }
+        tree.update(self.meta)
+        return tree
+
+    def time_type(self) -> int:
+        return self.ftype + dbr.TIME_STRING
+
+
+class _DescLink:
+    """The short-lived ``<record>.DESC`` channel that fills display.description."""
+
+    def __init__(self, channel: _Channel):
+        self.channel = channel
+        self.chid: int | None = None
+        self.deadline = time.monotonic() + DESC_TIMEOUT
+
+    def _connection(self, up: bool, chid: int) -> None:
+        if up:
+            self.channel.provider._desc_connected(self, chid)
+
+
+class CASubscription:
+    """A CA monitor; ``on_event`` runs on the libca thread of the PV's server circuit."""
+
+    def __init__(self, channel: _Channel, on_event: EventCallback):
+        self.name = channel.name
+        self._channel = channel
+        self._on_event = on_event
+        self._lock = threading.RLock()  # RLock: on_event may close its own subscription
+        self._closed = False
+        self._subscribing = False
+        self._evid: int | None = None
+        self._last: ValueTree | None = None
+
+    def _subscribe(self) -> None:
+        """Once the channel is ready; libca itself keeps the subscription across reconnects."""
+        with self._lock:
+            if self._evid is not None or self._subscribing or self._closed:
+                return
+            self._subscribing = True
+        ch = self._channel
+        evid = ctypes.c_void_p()
+        ret = _lib.create_subscription(ch.time_type(), 0, ch.chid, dbr.DBE_VALUE | dbr.DBE_ALARM,
+                                       _EVENT_CB, self, ctypes.byref(evid))
+        with self._lock:
+            self._subscribing = False
+            if ret != dbr.ECA_NORMAL:
+                _log.error("CA subscription to %s failed: %s", self.name, _message(ret))
+                return
+            closed = self._closed
+            if not closed:
+                self._evid = evid.value
+        if closed:  # closed while we were subscribing
+            _lib.clear_subscription(evid.value)
+        _lib.flush_io()
+
+    def _event(self, args) -> None:
+        if self._closed:
+            return
+        if args.status != dbr.ECA_NORMAL:
+            _log.warning("CA monitor of %s: %s", self.name, _message(args.status))
+            return
+        tree = self._channel.decode(args)
+        with self._lock:
+            if self._closed:
+                return
+            self._last = tree
+            self._call(tree)
+
+    def _disconnected(self) -> None:
+        with self._lock:
+            last, self._last = self._last, None
+            if last is None or self._closed:
+                return
+            tree = dict(last)
+            tree["alarm"] = {"severity": INVALID, "status": DISCONNECTED_STATUS, "message": "disconnected"}
+            self._call(tree)
+
+    def _call(self, tree: ValueTree) -> None:
+        try:
+            self._on_event(tree)
+        except Exception:
+            _log.exception("monitor callback for ca://%s failed", self.name)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            evid, self._evid = self._evid, None
+        self._channel.provider._unsubscribe(self, evid)
+
+
+# -- provider ----------------------------------------------------------------
+class CAProvider:
+    """CA gets, puts, info and monitors; channels cached per name in one CA context per provider.
+
+    Lock rule: ``ch.lock`` is taken on libca callback threads, and
+    ``ca_clear_*`` waits for running callbacks, so no thread calls
+    ``ca_clear_*`` or blocks while holding it.
+    """
+
+    protocol = "ca"
+
+    def __init__(self):
+        self._lib = _libca()
+        self._ctx = self._create_context()
+        self._channels: dict[str, _Channel] = {}
+        self._lock = threading.Lock()
+        self._inflight: set = set()  # requests libca still holds a pointer to
+        self._desc_work: set[_Channel] = set()  # channels with a DESC channel open
+        self._work_lock = threading.Lock()  # leaf lock, also taken on libca threads
+        self._closed = False
+        self._stop = threading.Event()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="ca-janitor", daemon=True)
+        self._janitor.start()
+        _providers.add(self)
+
+    # context handling ------------------------------------------------------
+    def _create_context(self) -> int:
+        """A fresh preemptive context configured from EPICS_CA_* as they are now."""
+        lib = self._lib
+        previous = lib.current_context()
+        if previous:
+            lib.detach_context()
+        try:
+            ret = lib.context_create(1)
+            if ret != dbr.ECA_NORMAL:
+                raise PVError(ErrorCode.EPICS_FAILED, f"cannot create a CA context: {_message(ret)}")
+            ctx = lib.current_context()
+            lib.replace_printf_handler(_PRINTF_CB)
+            # libca reads the address list and repeater port when the first
+            # channel is created, not with the context: create one now, while
+            # the environment is the one this provider was built under.
+            chid = ctypes.c_void_p()
+            if lib.create_channel(b"k2eg:ca:address-list-probe", _CONN_FN(), None, 0, ctypes.byref(chid)) == dbr.ECA_NORMAL:
+                lib.clear_channel(chid.value)
+            lib.detach_context()
+        finally:
+            if previous:
+                lib.attach_context(previous)
+        return ctx
+
+    @contextmanager
+    def _attached(self) -> Iterator[None]:
+        """libca calls go to this provider's context; the thread is left as it was."""
+        lib = self._lib
+        previous = lib.current_context()
+        if previous == self._ctx:
+            yield
+            return
+        if previous:
+            lib.detach_context()
+        lib.attach_context(self._ctx)
+        try:
+            yield
+        finally:
+            lib.detach_context()
+            if previous:
+                lib.attach_context(previous)
+
+    # channels ----------------------------------------------------------------
+    def _channel(self, name: str) -> _Channel:
+        """Under _attached()."""
+        with self._lock:
+            if self._closed:
+                raise PVError(ErrorCode.EPICS_FAILED, "CA provider is closed")
+            ch = self._channels.get(name)
+            if ch is not None:
+                return ch
+            ch = self._channels[name] = _Channel(self, name)
+            chid = ctypes.c_void_p()
+            ret = self._lib.create_channel(name.encode(), _CONN_CB, ch, 0, ctypes.byref(chid))
+            if ret != dbr.ECA_NORMAL:
+                del self._channels[name]
+                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot create channel: {_message(ret)}")
+            with ch.lock:
+                if ch.chid is None:
+                    ch.chid = chid.value
+        self._lib.flush_io()
+        return ch
+
+    def _connection(self, ch: _Channel, up: bool, chid: int) -> None:
+        with ch.lock:
+            if ch.chid is None:  # connected before ca_create_channel returned
+                ch.chid = chid
+            if up:
+                start, gone = self._connected(ch), []
+            else:
+                ch.connected.clear()
+                ch.ready.clear()
+                start, gone = [], list(ch.subs)
+        for sub in gone:  # outside ch.lock: on_event is user code
+            sub._disconnected()
+        self._start(start)
+
+    def _connected(self, ch: _Channel) -> list[CASubscription]:
+        lib = self._lib
+        ch.ftype = lib.field_type(ch.chid)
+        ch.count = lib.element_count(ch.chid)
+        ch.connected.set()
+        # Metadata: one CTRL read (DBR_CTRL_STRING has none) and the record's DESC.
+        ch.ctrl_pending = ch.ftype != dbr.STRING
+        if ch.ctrl_pending:
+            req = _Request(ch, "ctrl")
+            ret = lib.array_get_callback(ch.ftype + dbr.CTRL_STRING, 1, ch.chid, _GET_CB, req)
+            if ret != dbr.ECA_NORMAL:
+                self._inflight.discard(req)
+                ch.ctrl_pending = False
+                _log.warning("CA control read of %s failed: %s", ch.name, _message(ret))
+        if ch.desc is None:
+            link = ch.desc = _DescLink(ch)
+            ch.desc_pending = True
+            chid = ctypes.c_void_p()
+            desc_name = ch.name.split(".", 1)[0] + ".DESC"
+            if lib.create_channel(desc_name.encode(), _CONN_CB, link, 0, ctypes.byref(chid)) == dbr.ECA_NORMAL:
+                link.chid = link.chid or chid.value
+            else:
+                ch.desc, ch.desc_pending = None, False
+            with self._work_lock:
+                self._desc_work.add(ch)
+        lib.flush_io()
+        return self._maybe_ready(ch)
+
+    def _desc_connected(self, link: _DescLink, chid: int) -> None:
+        ch = link.channel
+        with ch.lock:
+            link.chid = link.chid or chid
+            if not ch.desc_pending or ch.desc is not link:
+                return
+            req = _Request(ch, "desc")
+            ret = self._lib.array_get_callback(dbr.STRING, 1, link.chid, _GET_CB, req)
+            self._lib.flush_io()
+        if ret != dbr.ECA_NORMAL:
+            self._inflight.discard(req)
+            self._desc_finished(ch, "")
+
+    def _ctrl_done(self, ch: _Channel, args) -> None:
+        st = ctypes.cast(args.raw_dbr, ctypes.POINTER(dbr.Map[args.type])).contents
+        if dbr.native_type(args.type) == dbr.ENUM:
+            choices = [bytes(st.strs[i].value).decode("utf-8", "replace") for i in range(st.no_str)]
+            meta = None
+        else:
+            choices = None
+            lim = {f: getattr(st, f) for f in _CTRL_FIELDS}
+            meta = {
+                "display": {
+                    "limitLow": lim["lower_disp_limit"], "limitHigh": lim["upper_disp_limit"],
+                    "description": "",
+                    "units": bytes(st.units).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                    "precision": getattr(st, "precision", 0),
+                    "form": {"index": 0, "choices": FORM_CHOICES},
+                },
+                "control": {"limitLow": lim["lower_ctrl_limit"], "limitHigh": lim["upper_ctrl_limit"],
+                            "minStep": 0.0},
+                "valueAlarm": {
+                    "lowAlarmLimit": lim["lower_alarm_limit"], "lowWarningLimit": lim["lower_warning_limit"],
+                    "highWarningLimit": lim["upper_warning_limit"], "highAlarmLimit": lim["upper_alarm_limit"],
+                },
+            }
+        with ch.lock:
+            if choices is not None:
+                ch.choices = choices
+                ch.meta = {"display": {"description": ch.description}}
+            else:
+                meta["display"]["description"] = ch.description
+                ch.meta = meta
+            ch.ctrl_pending = False
+            start = self._maybe_ready(ch)
+        self._start(start)
+
+    def _ctrl_failed(self, ch: _Channel, why: str) -> None:
+        _log.warning("CA control read of %s failed: %s", ch.name, why)
+        with ch.lock:
+            ch.ctrl_pending = False
+            start = self._maybe_ready(ch)
+        self._start(start)
+
+    def _desc_finished(self, ch: _Channel, text: str) -> None:
+        with ch.lock:
+            if not ch.desc_pending:
+                return
+            ch.desc_pending = False
+            ch.description = text
+            if "display" in ch.meta:  # new dicts: events already out keep theirs
+                ch.meta = dict(ch.meta, display=dict(ch.meta["display"], description=text))
+            start = self._maybe_ready(ch)
+        self._start(start)
+
+    @staticmethod
+    def _maybe_ready(ch: _Channel) -> list[CASubscription]:
+        """Under ch.lock: ready once an event can carry full metadata; returns subscriptions to start."""
+        if not ch.connected.is_set() or ch.ctrl_pending or ch.desc_pending:
+            return []
+        if ch.ftype == dbr.STRING:
+            ch.meta = {"display": {"description": ch.description, "units": ""}}
+        ch.ready.set()
+        return [sub for sub in ch.subs if sub._evid is None]
+
+    @staticmethod
+    def _start(subs: list[CASubscription]) -> None:
+        for sub in subs:
+            sub._subscribe()
+
+    def _janitor_loop(self) -> None:
+        """Gives up on DESC reads that cannot connect; clears DESC channels once read."""
+        while not self._stop.wait(0.2):
+            try:
+                with self._work_lock:
+                    work = list(self._desc_work)
+                if not work:
+                    continue
+                now = time.monotonic()
+                with self._attached():
+                    for ch in work:
+                        link = ch.desc
+                        if ch.desc_pending and link is not None and now > link.deadline:
+                            _log.debug("CA: no DESC for %s", ch.name)
+                            self._desc_finished(ch, "")
+                        with ch.lock:
+                            if ch.desc_pending:
+                                continue
+                            ch.desc = None
+                        with self._work_lock:
+                            self._desc_work.discard(ch)
+                        if link is not None and link.chid is not None:
+                            self._lib.clear_channel(link.chid)
+                    self._lib.flush_io()
+            except Exception:
+                _log.exception("CA janitor failed")
+
+    # operations ----------------------------------------------------------------
+    def _wait_ready(self, name: str, timeout: float) -> tuple[_Channel, float]:
+        deadline = time.monotonic() + timeout
+        with self._attached():
+            ch = self._channel(name)
+        if not ch.ready.wait(timeout):
+            if ch.connected.is_set():
+                raise PVError(ErrorCode.TIMEOUT,
+                              f"PV '{name}' connected but its metadata did not arrive within {timeout:g} s")
+            raise connect_timeout(name, timeout)
+        return ch, deadline
+
+    def get(self, name: str, timeout: float) -> ValueTree:
+        ch, deadline = self._wait_ready(name, timeout)
+        req = _Request(ch, "time")
+        with self._attached():
+            ret = self._lib.array_get_callback(ch.time_type(), 0, ch.chid, _GET_CB, req)
+            if ret != dbr.ECA_NORMAL:
+                self._inflight.discard(req)
+                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': get failed: {_message(ret)}")
+            self._lib.flush_io()
+        if not req.done.wait(max(0.0, deadline - time.monotonic())):
+            raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': get did not complete within {timeout:g} s")
+        if req.error is not None:
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': get failed: {req.error}")
+        return req.result
+
+    def put(self, name: str, value: ValueTree, timeout: float) -> None:
+        if not isinstance(value, dict) or "value" not in value:
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': a CA put needs a map with a 'value' field")
+        extra = sorted(set(value) - {"value"})
+        if extra:
+            raise PVError(ErrorCode.EPICS_FAILED,
+                          f"PV '{name}': CA can only write 'value', not {', '.join(map(repr, extra))}")
+        ch, deadline = self._wait_ready(name, timeout)
+        try:
+            ftype, count, data = _put_buffer(ch, value["value"])
+        except (TypeError, ValueError, OverflowError) as e:
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot put {value['value']!r}: {e}") from None
+        req = _PutRequest(data, self._inflight)
+        with self._attached():
+            ret = self._lib.array_put_callback(ftype, count, ch.chid, ctypes.addressof(data), _PUT_CB, req)
+            if ret != dbr.ECA_NORMAL:
+                self._inflight.discard(req)
+                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put failed: {_message(ret)}")
+            self._lib.flush_io()
+        if not req.done.wait(max(0.0, deadline - time.monotonic())):
+            raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': put did not complete within {timeout:g} s")
+        if req.status != dbr.ECA_NORMAL:
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put failed: {_message(req.status)}")
+
+    def info(self, name: str, timeout: float) -> dict[str, Any]:
+        tree = self.get(name, timeout)
+        ch = self._channels[name]
+        with self._attached():
+            host = self._lib.host_name(ch.chid)
+            read = bool(self._lib.read_access(ch.chid))
+            write = bool(self._lib.write_access(ch.chid))
+        return {
+            "protocol": "ca",
+            "name": name,
+            "connected": ch.connected.is_set(),
+            "type": _DBR_NAMES.get(ch.ftype, str(ch.ftype)),
+            "count": ch.count,
+            "host": (host or b"").decode(),
+            "access": {"read": read, "write": write},
+            "structure": _describe(tree, ch),
+        }
+
+    def monitor(self, name: str, on_event: EventCallback) -> CASubscription:
+        with self._attached():
+            ch = self._channel(name)
+            sub = CASubscription(ch, on_event)
+            with ch.lock:
+                ch.subs.append(sub)
+                ready = ch.ready.is_set()
+            if ready:
+                sub._subscribe()
+        return sub
+
+    def _unsubscribe(self, sub: CASubscription, evid: int | None) -> None:
+        ch = sub._channel
+        with ch.lock:
+            if sub in ch.subs:
+                ch.subs.remove(sub)
+        if evid is not None and not self._closed:
+            with self._attached():
+                self._lib.clear_subscription(evid)
+                self._lib.flush_io()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            channels = list(self._channels.values())
+            self._channels.clear()
+        self._stop.set()
+        self._janitor.join(5.0)
+        lib = self._lib
+        previous = lib.current_context()
+        if previous:
+            lib.detach_context()
+        lib.attach_context(self._ctx)
+        try:
+            for ch in channels:
+                with ch.lock:
+                    subs, ch.subs = list(ch.subs), []
+                    link, ch.desc = ch.desc, None
+                for sub in subs:
+                    with sub._lock:
+                        sub._closed = True
+                        evid, sub._evid = sub._evid, None
+                    if evid is not None:
+                        lib.clear_subscription(evid)
+                for chid in (link.chid if link else None, ch.chid):
+                    if chid is not None:
+                        lib.clear_channel(chid)
+            lib.flush_io()
+            lib.context_destroy()  # waits for libca's threads; detaches this one
+        finally:
+            if lib.current_context():
+                lib.detach_context()
+            if previous and previous != self._ctx:
+                lib.attach_context(previous)
+
+
+# -- put buffers ---------------------------------------------------------------
+def _put_buffer(ch: _Channel, value: Any) -> tuple[int, int, Any]:
+    """DBR type, count and ctypes buffer for ``value``; the server converts to the field's type."""
+    native = ch.ftype
+    if isinstance(value, dict):
+        raise TypeError("a map cannot be written to a CA channel")
+    if native == dbr.ENUM and isinstance(value, str) and ch.choices:
+        if value in ch.choices:
+            value = ch.choices.index(value)
+        else:
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"'{value}' is not one of the choices {ch.choices}") from None
+    if native == dbr.CHAR and ch.count > 1 and isinstance(value, (str, bytes)):
+        raw = value.encode() if isinstance(value, str) else value
+        value = np.frombuffer(raw + b"\0", np.uint8)[: ch.count]
+    if isinstance(value, (str, bytes)):
+        data = (dbr.string_t * 1)()
+        data[0].value = _encode40(value)
+        return dbr.STRING, 1, data
+    if isinstance(value, (bool, int, float, np.generic)):
+        if isinstance(value, (bool, np.bool_, int, np.integer)) and -2**31 <= int(value) < 2**31:
+            return dbr.LONG, 1, (ctypes.c_int32 * 1)(int(value))
+        return dbr.DOUBLE, 1, (ctypes.c_double * 1)(float(value))
+    if not isinstance(value, np.ndarray):
+        items = list(value)
+        if items and all(isinstance(x, (str, bytes)) for x in items):
+            data = (dbr.string_t * len(items))()
+            for i, x in enumerate(items):
+                data[i].value = _encode40(x)
+            return dbr.STRING, len(items), data
+        value = np.asarray(items)
+    arr = value.ravel()
+    if arr.size == 0:
+        raise ValueError("cannot put an empty array")
+    if arr.dtype.kind in "biu":
+        lo, hi = int(arr.min()), int(arr.max())
+        if native == dbr.CHAR and 0 <= lo and hi < 256:
+            ftype, ctype, arr = dbr.CHAR, ctypes.c_uint8, arr.astype(np.uint8)
+        elif -2**15 <= lo and hi < 2**15 and arr.dtype.itemsize <= 2:
+            ftype, ctype, arr = dbr.SHORT, ctypes.c_int16, arr.astype(np.int16)
+        elif -2**31 <= lo and hi < 2**31:
+            ftype, ctype, arr = dbr.LONG, ctypes.c_int32, arr.astype(np.int32)
+        else:
+            ftype, ctype, arr = dbr.DOUBLE, ctypes.c_double, arr.astype(np.float64)
+    elif arr.dtype.kind == "f":
+        ftype, ctype, arr = dbr.DOUBLE, ctypes.c_double, arr.astype(np.float64)
+    else:
+        raise TypeError(f"cannot write an array of {arr.dtype} over CA")
+    data = (ctype * arr.size).from_buffer_copy(np.ascontiguousarray(arr).tobytes())
+    return ftype, arr.size, data
+
+
+def _encode40(x: str | bytes) -> bytes:
+    raw = x.encode() if isinstance(x, str) else x
+    if len(raw) >= 40:
+        raise ValueError(f"CA strings hold at most 39 bytes, got {len(raw)}")
+    return raw
+
+
+def _describe(tree: ValueTree, ch: _Channel) -> dict[str, Any]:
+    """Field -> type name of a CA value tree, in the PVA adapter's notation."""
+    if ch.ftype == dbr.ENUM:
+        value: Any = {"index": "uint16", "choices": "string[]"}
+    else:
+        value = _NATIVE.get(ch.ftype, (0, None, None, "unknown"))[3] + ("[]" if ch.count > 1 else "")
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: leaf(v) for k, v in x.items()}
+        if isinstance(x, bool):
+            return "boolean"
+        if isinstance(x, int):
+            return "int32"
+        if isinstance(x, float):
+            return "double"
+        if isinstance(x, list):
+            return "string[]"
+        return "string"
+
+    out = {k: leaf(v) for k, v in tree.items() if k != "value"}
+    out["timeStamp"]["secondsPastEpoch"] = "int64"
+    return {"value": value, **out}

@@ -1,0 +1,546 @@
+"""PV Access adapter on p4p.
+
+One raw p4p client ``Context`` per provider, with ``nt=False`` so values
+arrive as p4p ``Value``s and are turned into value trees here:
+
+- union-free structures go through ``Value.todict()`` (one C call, the
+  fastest full conversion measured);
+- discriminated unions become ``{selected_member: value}`` (``todict()``
+  would drop the member name), an empty union becomes ``None``; variant
+  (``any``) fields carry no member name and stay plain values;
+- monitor updates re-convert only the top-level fields pvxs marks as
+  changed and share the unchanged sub-trees with the previous event, so
+  **trees must be treated as read-only**.
+
+Monitors do not use p4p's threaded ``Subscription``: that one loses its
+only wakeup when the first update arrives before ``Context.monitor()``
+returns, and with several workers can deliver one PV's updates out of
+order. Here the wakeup only queues the subscription for one dispatcher
+thread per provider, which drains it in order, and a wakeup that races
+the subscription's creation is replayed.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+from p4p import Value
+from p4p.client.raw import Context, Disconnected, Finished, RemoteError
+
+from k2eg.protocol.errors import ErrorCode
+
+from .base import EventCallback, PVError, ValueTree, connect_timeout
+
+__all__ = ["PVAProvider", "PVASubscription", "value_tree", "structure_of"]
+
+_log = logging.getLogger(__name__)
+
+# NT alarm status "CLIENT": the client, not the server, says the PV is gone.
+DISCONNECTED_STATUS = 7
+INVALID = 3
+_BATCH = 16  # updates drained per turn before other subscriptions get theirs
+
+_CODE_NAMES = {
+    "?": "boolean", "s": "string", "b": "int8", "B": "uint8", "h": "int16", "H": "uint16",
+    "i": "int32", "I": "uint32", "l": "int64", "L": "uint64", "f": "float", "d": "double",
+    "v": "any",
+}
+
+
+# -- Value -> value tree -----------------------------------------------------
+def _has_union(spec) -> bool:
+    if not isinstance(spec, tuple):
+        return False
+    if spec[0] in ("U", "aU"):
+        return True
+    return any(_has_union(sub) for _, sub in spec[2])
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _leaf(v: Value, path: str) -> Any:
+    x = v[path] if path else v
+    return x.todict() if isinstance(x, Value) else x  # a variant may hold a structure
+
+
+def _plain_struct(v: Value, path: str) -> Any:
+    return v.todict(path) if path else v.todict()
+
+
+def _plain_struct_array(v: Value, path: str) -> Any:
+    return [e.todict() for e in v[path]]
+
+
+def _compile(spec) -> Callable[[Value, str], Any]:
+    """A converter ``f(value, path)`` for one field type, so no spec is walked per update."""
+    if not isinstance(spec, tuple):
+        return _leaf
+    code, _id, members = spec
+    if code in ("S", "aS") and not _has_union(spec):
+        return _plain_struct if code == "S" else _plain_struct_array
+    if code == "S":
+        subs = [(name, _compile(sub)) for name, sub in members]
+        return lambda v, p: {name: f(v, _join(p, name)) for name, f in subs}
+    if code == "aS":
+        subs = [(name, _compile(sub)) for name, sub in members]
+        return lambda v, p: [{name: f(e, name) for name, f in subs} for e in v[p]]
+    union = _Union(members)
+    if code == "U":
+        return union
+    return lambda v, p: [union(v, f"{p}[{i}]") for i in range(len(v[p]))]
+
+
+# numpy dtype.char -> p4p array code ('q'/'Q' are int64 on LP64)
+_NP_CODES = {"?": "?", "b": "b", "B": "B", "h": "h", "H": "H", "i": "i", "I": "I",
+             "l": "l", "L": "L", "q": "l", "Q": "L", "f": "f", "d": "d"}
+
+
+def _kind_of_spec(spec) -> str:
+    if isinstance(spec, tuple):
+        return spec[0]
+    if spec in ("b", "B", "h", "H", "i", "I", "l", "L"):
+        return "int"
+    if spec in ("f", "d"):
+        return "float"
+    return spec
+
+
+def _kind_of_value(x: Any) -> str:
+    if isinstance(x, Value):
+        return "S"
+    if isinstance(x, bool):
+        return "?"
+    if isinstance(x, int):
+        return "int"
+    if isinstance(x, float):
+        return "float"
+    if isinstance(x, str):
+        return "s"
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        return "a" + _NP_CODES.get(dtype.char, dtype.char)
+    return "as" if isinstance(x, list) and x and isinstance(x[0], str) else "?list"
+
+
+class _Union:
+    """``{member: value}`` for a discriminated union; empty union -> None.
+
+    p4p tells the selected member only by which ``path->member`` resolves, so
+    the member is guessed from the value's Python type and confirmed with one
+    lookup; the others are tried only when the guess fails.
+    """
+
+    def __init__(self, members):
+        self.members = [(name, _compile(sub)) for name, sub in members]
+        self.by_kind: dict[str, list] = {}
+        for (name, sub), member in zip(members, self.members):
+            self.by_kind.setdefault(_kind_of_spec(sub), []).append(member)
+
+    def __call__(self, v: Value, path: str) -> Any:
+        x = v[path] if path else v
+        if x is None:
+            return None
+        first = self.by_kind.get(_kind_of_value(x), [])
+        for name, f in (*first, *self.members):
+            sel = f"{path}->{name}"
+            try:
+                v[sel]
+            except KeyError:
+                continue
+            return {name: x.todict() if f is _plain_struct and isinstance(x, Value) else f(v, sel)}
+        return None
+
+
+class _Plan:
+    """How to convert Values of one structure type; built once per type seen."""
+
+    __slots__ = ("fields", "union_fields", "tops")
+
+    def __init__(self, spec):
+        self.fields = {name: _compile(sub) for name, sub in spec[2]}
+        self.union_fields = [(name, self.fields[name]) for name, sub in spec[2] if _has_union(sub)]
+        self.tops: dict[str, str] = {}  # changed-field name -> its top-level field
+
+    def full(self, v: Value) -> ValueTree:
+        """todict() in one C call, then the union fields redone (todict drops member names)."""
+        tree = v.todict()
+        for name, f in self.union_fields:
+            tree[name] = f(v, name)
+        return tree
+
+    def update(self, v: Value, prev: ValueTree) -> ValueTree:
+        """Only the top-level fields marked changed are converted again."""
+        tops = self.tops
+        changed = set()
+        for n in v.changedSet():
+            t = tops.get(n)
+            if t is None:
+                t = tops[n] = n.split(".", 1)[0].split("->", 1)[0].split("[", 1)[0]
+            changed.add(t)
+        if len(changed) * 2 > len(self.fields) or not changed.issubset(self.fields):
+            return self.full(v)
+        tree = prev.copy()
+        fields = self.fields
+        for name in changed:
+            tree[name] = fields[name](v, name)
+        return tree
+
+
+def value_tree(v: Value) -> ValueTree:
+    """Full conversion of one Value of a type not seen before."""
+    return _Plan(v.type().aspy()).full(v)
+
+
+def structure_of(spec) -> Any:
+    """Type description for ``info``: leaves as type names, structures as dicts."""
+    if not isinstance(spec, tuple):
+        if spec.startswith("a"):
+            return _CODE_NAMES.get(spec[1:], spec) + "[]"
+        return _CODE_NAMES.get(spec, spec)
+    code, _id, members = spec
+    if code == "S":
+        return {name: structure_of(sub) for name, sub in members}
+    if code == "aS":
+        return [{name: structure_of(sub) for name, sub in members}]
+    inner = ",".join(f"{name}:{_type_text(sub)}" for name, sub in members)
+    return f"union{{{inner}}}" + ("[]" if code == "aU" else "")
+
+
+def _type_text(spec) -> str:
+    return _describe(structure_of(spec))
+
+
+def _describe(desc) -> str:
+    if isinstance(desc, str):
+        return desc
+    if isinstance(desc, list):
+        return "structure[]"
+    return "structure{" + ",".join(f"{k}:{_describe(v)}" for k, v in desc.items()) + "}"
+
+
+# -- value map -> Value (put) ------------------------------------------------
+class _PutRefused(ValueError):
+    """Raised inside the put builder; p4p hands it back to the completion handler."""
+
+
+def _assign(V: Value, prefix: str, members, mapping: dict) -> None:
+    fields = {name: sub for name, sub in members}
+    for key, x in mapping.items():
+        path = prefix + key
+        if key not in fields:
+            raise _PutRefused(f"no field '{path}' (fields: {', '.join(fields)})")
+        spec = fields[key]
+        code = spec[0] if isinstance(spec, tuple) else None
+        try:
+            if code == "S":
+                sub = {n: s for n, s in spec[2]}
+                if "index" in sub and "choices" in sub and not isinstance(x, dict):
+                    V[path + ".index"] = _enum_index(V, path, x)
+                elif isinstance(x, dict):
+                    _assign(V, path + ".", spec[2], x)
+                else:
+                    raise _PutRefused(f"field '{path}' is a structure: send a map of its fields")
+            elif code == "U" and isinstance(x, dict):
+                if len(x) != 1:
+                    raise _PutRefused(f"union field '{path}' takes a one-key map {{member: value}}")
+                (member, inner), = x.items()
+                names = [n for n, _ in spec[2]]
+                if member not in names:
+                    raise _PutRefused(f"union '{path}' has no member '{member}' (members: {', '.join(names)})")
+                V[path] = (member, inner)
+            else:
+                V[path] = x
+        except _PutRefused:
+            raise
+        except Exception as e:  # p4p conversion errors: say which field and value
+            raise _PutRefused(f"cannot store {x!r} in field '{path}': {e}") from None
+
+
+def _enum_index(V: Value, path: str, x: Any) -> int:
+    choices = list(V[path + ".choices"])
+    if isinstance(x, str):
+        if x in choices:
+            return choices.index(x)
+        try:
+            x = int(x)
+        except ValueError:
+            raise _PutRefused(f"'{x}' is not one of the choices {choices}") from None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or int(x) != x:
+        raise _PutRefused(f"enum value must be a choice string or an index, got {x!r}")
+    if choices and not 0 <= int(x) < len(choices):
+        raise _PutRefused(f"index {int(x)} out of range for choices {choices}")
+    return int(x)
+
+
+# -- monitors ------------------------------------------------------------------
+class _Dispatcher:
+    """One thread draining subscription queues: one PV's updates are never concurrent."""
+
+    def __init__(self, name: str):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, sub: "PVASubscription") -> None:
+        self._q.put(sub)
+
+    def _run(self) -> None:
+        while True:
+            sub = self._q.get()
+            if sub is None:
+                return
+            try:
+                if sub._drain():
+                    self._q.put(sub)  # more queued: let the others have a turn first
+            except Exception:
+                _log.exception("PVA monitor dispatch failed for %s", getattr(sub, "name", sub))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._q.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class PVASubscription:
+    """A PVA monitor; ``on_event`` runs on the provider's dispatcher thread."""
+
+    def __init__(self, provider: "PVAProvider", name: str, on_event: EventCallback):
+        self.name = name
+        self._on_event = on_event
+        self._provider = provider
+        self._dispatch = provider._dispatcher
+        self._lock = threading.Lock()
+        self._S = None
+        self._woken_early = False
+        self._closed = False
+        self._plan: _Plan | None = None
+        self._last: ValueTree | None = None
+        self._connected = False
+
+    def _start(self, ctx: Context, request) -> None:
+        S = ctx.monitor(self.name, self._wakeup, request)
+        with self._lock:
+            if self._closed:
+                S.close()
+                return
+            self._S = S
+            replay, self._woken_early = self._woken_early, False
+        if replay:
+            self._dispatch.submit(self)
+
+    def _wakeup(self) -> None:
+        # pvxs worker thread: never block here, just hand over.
+        self._dispatch.submit(self)
+
+    def _drain(self) -> bool:
+        """Deliver up to _BATCH queued updates; True if more are waiting."""
+        with self._lock:
+            S = self._S
+            if S is None:
+                if not self._closed:
+                    self._woken_early = True  # update raced monitor() returning
+                return False
+        for _ in range(_BATCH):
+            if self._closed:
+                return False
+            try:
+                E = S.pop()
+            except Exception as e:  # some p4p versions raise what others return
+                E = e
+            if E is None:
+                return False
+            if isinstance(E, Value):
+                self._deliver_value(E)
+            elif isinstance(E, Disconnected):
+                self._deliver_disconnect()
+            elif isinstance(E, Finished):
+                _log.info("PVA monitor of %s finished by the server", self.name)
+                self._deliver_disconnect("finished by server")
+                return False
+            elif isinstance(E, RemoteError):
+                _log.warning("PVA monitor of %s: server error: %s", self.name, E)
+            else:
+                _log.warning("PVA monitor of %s: %r", self.name, E)
+        return True
+
+    def _deliver_value(self, v: Value) -> None:
+        try:
+            if self._plan is None or self._last is None:
+                self._plan = _Plan(v.type().aspy())
+                tree = self._plan.full(v)
+            else:
+                tree = self._plan.update(v, self._last)
+        except Exception:
+            _log.exception("PVA monitor of %s: cannot convert update", self.name)
+            return
+        self._last = tree
+        self._connected = True
+        self._call(tree)
+
+    def _deliver_disconnect(self, why: str = "disconnected") -> None:
+        was, self._connected = self._connected, False
+        last, self._last, self._plan = self._last, None, None  # reconnect may bring a new type
+        if not was or last is None:
+            return
+        tree = dict(last)
+        tree["alarm"] = {"severity": INVALID, "status": DISCONNECTED_STATUS, "message": why}
+        self._call(tree)
+
+    def _call(self, tree: ValueTree) -> None:
+        try:
+            self._on_event(tree)
+        except Exception:
+            _log.exception("monitor callback for pva://%s failed", self.name)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            S, self._S = self._S, None
+        if S is not None:
+            S.close()
+        self._provider._forget(self)
+
+
+# -- provider ------------------------------------------------------------------
+class PVAProvider:
+    """PVA gets, puts, info and monitors over one p4p client Context."""
+
+    protocol = "pva"
+
+    def __init__(self, conf: dict[str, str] | None = None, monitor_queue_size: int | None = None):
+        """``conf`` overrides EPICS_PVA_* from the environment (tests, embedding)."""
+        self._ctx = Context("pva", conf=conf, useenv=True, nt=False)
+        self._dispatcher = _Dispatcher("pva-monitor-dispatch")
+        self._subs: set[PVASubscription] = set()
+        self._plans: dict[str, tuple[str, _Plan]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        # pvxs coalesces a monitor's updates beyond its queue; a longer queue
+        # trades memory for fewer squashed updates under bursts.
+        self._monitor_request = (Context.makeRequest(f"field()record[queueSize={int(monitor_queue_size)}]")
+                                 if monitor_queue_size else None)
+
+    # operations ---------------------------------------------------------------
+    def _get_value(self, name: str, timeout: float) -> Value:
+        self._check_open()
+        done = threading.Event()
+        box: list = []
+
+        def on_done(v):
+            box.append(v)
+            done.set()
+
+        op = self._ctx.get(name, on_done)
+        try:
+            if not done.wait(timeout):
+                raise connect_timeout(name, timeout)
+        finally:
+            op.close()
+        v = box[0]
+        if isinstance(v, Exception):
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': get failed: {_why(v)}")
+        return v
+
+    def get(self, name: str, timeout: float) -> ValueTree:
+        v = self._get_value(name, timeout)
+        try:
+            return self._convert(name, v)
+        except Exception as e:
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot convert value: {e}") from e
+
+    def _convert(self, name: str, v: Value) -> ValueTree:
+        """Plans are cached per PV (aspy() + compiling cost ~4x the conversion); same type id, same plan."""
+        type_id = v.getID()
+        cached = self._plans.get(name)
+        if cached is not None and cached[0] == type_id:
+            try:
+                return cached[1].full(v)
+            except Exception:
+                pass  # the PV changed its structure under the same id: rebuild
+        plan = _Plan(v.type().aspy())
+        self._plans[name] = (type_id, plan)
+        return plan.full(v)
+
+    def put(self, name: str, value: ValueTree, timeout: float) -> None:
+        self._check_open()
+        if not isinstance(value, dict):
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put value must be a map of fields, "
+                                                  f"got {type(value).__name__}")
+        done = threading.Event()
+        box: list = []
+        state = {"connected": False, "refused": None}
+
+        def build(V: Value) -> None:
+            state["connected"] = True
+            try:
+                _assign(V, "", V.type().aspy()[2], value)
+            except _PutRefused as e:
+                state["refused"] = str(e)
+                raise
+
+        def on_done(result):
+            box.append(result)
+            done.set()
+
+        op = self._ctx.put(name, on_done, builder=build, request="field()record[block=true]", get=True)
+        try:
+            if not done.wait(timeout):
+                if state["connected"]:
+                    raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': put did not complete within {timeout:g} s")
+                raise connect_timeout(name, timeout)
+        finally:
+            op.close()
+        result = box[0]
+        if isinstance(result, Exception):
+            why = state["refused"] or _why(result)
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put failed: {why}")
+
+    def info(self, name: str, timeout: float) -> dict[str, Any]:
+        v = self._get_value(name, timeout)
+        spec = v.type().aspy()
+        return {
+            "protocol": "pva",
+            "name": name,
+            "connected": True,
+            "type": v.getID(),
+            "structure": structure_of(spec),
+        }
+
+    def monitor(self, name: str, on_event: EventCallback) -> PVASubscription:
+        self._check_open()
+        sub = PVASubscription(self, name, on_event)
+        with self._lock:
+            self._subs.add(sub)
+        sub._start(self._ctx, self._monitor_request)
+        return sub
+
+    def _forget(self, sub: PVASubscription) -> None:
+        with self._lock:
+            self._subs.discard(sub)
+
+    def close(self) -> None:
+        """Subscriptions first, then the dispatcher, then the Context (p4p can hang otherwise)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            subs, self._subs = list(self._subs), set()
+        for sub in subs:
+            sub.close()
+        self._dispatcher.stop()
+        self._ctx.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PVError(ErrorCode.EPICS_FAILED, "PVA provider is closed")
+
+
+def _why(e: BaseException) -> str:
+    text = str(e)
+    if isinstance(e, ValueError) and e.args and isinstance(e.args[0], BaseException):
+        text = str(e.args[0])  # p4p re-wraps builder exceptions as type(e)(e)
+    return text or type(e).__name__
