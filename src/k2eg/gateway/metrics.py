@@ -1,0 +1,113 @@
+"""Prometheus metrics and health endpoints (``--metric-enable``).
+
+Hot-path numbers (events, bytes) are plain integers owned by the gateway
+and read at scrape time by a collector, so publishing an event costs no
+metric lock; latencies use prometheus-client histograms.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger("k2eg.gateway.metrics")
+
+
+@dataclass
+class Stats:
+    """What the gateway counts; every field is updated where the thing happens."""
+
+    commands: dict[str, int] = field(default_factory=dict)       # received / bad / failed
+    epics: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, outcome) -> n
+    events_published: int = 0
+    bytes_published: int = 0
+    dropped: int = 0
+    puts_denied: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self.lock:
+            self.commands[what] = self.commands.get(what, 0) + n
+
+    def epics_op(self, kind: str, ok: bool) -> None:
+        key = (kind, "ok" if ok else "error")
+        with self.lock:
+            self.epics[key] = self.epics.get(key, 0) + 1
+
+
+class _Collector:
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]]):
+        self.stats = stats
+        self.gauges = gauges
+
+    def collect(self):
+        s = self.stats
+        c = CounterMetricFamily("k2eg_commands", "Commands by outcome", labels=["outcome"])
+        for what, n in sorted(s.commands.items()):
+            c.add_metric([what], n)
+        yield c
+        e = CounterMetricFamily("k2eg_epics_operations", "EPICS operations", labels=["kind", "outcome"])
+        for (kind, outcome), n in sorted(s.epics.items()):
+            e.add_metric([kind, outcome], n)
+        yield e
+        yield CounterMetricFamily("k2eg_events_published", "Records handed to Kafka", value=s.events_published)
+        yield CounterMetricFamily("k2eg_bytes_published", "Bytes handed to Kafka", value=s.bytes_published)
+        yield CounterMetricFamily("k2eg_events_dropped", "Records lost (queue full or delivery failed)",
+                                  value=s.dropped)
+        yield CounterMetricFamily("k2eg_puts_denied", "Puts refused by access rules", value=s.puts_denied)
+        for name, value in self.gauges().items():
+            yield GaugeMetricFamily(f"k2eg_{name}", name.replace("_", " "), value=value)
+
+
+class Metrics:
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]], ready: Callable[[], bool]):
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(stats, gauges))
+        self.produce_latency = Histogram("k2eg_produce_latency_seconds", "produce() to broker ack",
+                                         registry=self.registry,
+                                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))
+        self.snapshot_iteration = Histogram("k2eg_snapshot_iteration_seconds", "Repeating snapshot iterations",
+                                            registry=self.registry,
+                                            buckets=(.01, .05, .1, .25, .5, 1, 2, 5, 10, 30, 60))
+        self.ready = ready
+        self._server: ThreadingHTTPServer | None = None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                if self.path.startswith("/metrics"):
+                    body, code, ctype = metrics.render(), 200, "text/plain; version=0.0.4"
+                elif self.path.startswith("/healthz"):
+                    body, code, ctype = b"ok\n", 200, "text/plain"
+                elif self.path.startswith("/readyz"):
+                    ok = metrics.ready()
+                    body, code, ctype = (b"ready\n", 200, "text/plain") if ok else (b"not ready\n", 503, "text/plain")
+                else:
+                    body, code, ctype = b"try /metrics, /healthz or /readyz\n", 404, "text/plain"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes are not worth a log line
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="k2eg-metrics", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics", host, self._server.server_port)
+        return self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
