@@ -37,9 +37,9 @@ def test_legacy_put_scalar_vector_table_generic_string(legacy):
 
 
 def test_legacy_monitor_and_monitor_many(legacy):
-    for uri in ("pva://channel:counter", "ca://channel:counter"):
+    for uri in ("pva://channel:counter", "ca://channel:ramp:ramp"):
         m = legacy[f"monitor {uri}"]
-        assert m["names"] == ["channel:counter"] and m["n"]
+        assert m["names"] == [uri.split("://", 1)[1]] and m["n"]
     assert legacy["monitor_many"] == ["channel:ramp:ramp", "pva:counter"]
 
 
