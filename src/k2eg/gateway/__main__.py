@@ -40,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     except O.OptionError as e:
         print(f"k2eg-gateway: {e}", file=sys.stderr)
         return 2
+    if opts.values.get("version"):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            print(f"k2eg-gateway {version('k2eg')}")
+        except PackageNotFoundError:
+            print("k2eg-gateway (version unknown)")
+        return 0
     setup_logging(opts.log_level, opts.log_format)
-    for name in opts.ignored:
-        log.warning("option --%s belongs to the C++ gateway's internals and is ignored", name)
+    for warning in opts.warnings:
+        log.warning("%s", warning)
 
     from .epics.ca import CAProvider
     from .epics.pva import PVAProvider

@@ -10,10 +10,11 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from k2eg.protocol.codec import encode, header_value
 from k2eg.protocol.commands import Serialization
+from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.transport import TopicAdmin
 
 from .options import Options
@@ -43,6 +44,21 @@ class KafkaIO:
         self._running_consumer = True
         self._poller = threading.Thread(target=self._poll_loop, name="k2eg-producer-poll", daemon=True)
         self._poller.start()
+
+    # ------------------------------------------------------------------ topics
+    def ensure_topics(self, topics: list[str]) -> list[str]:
+        """Create missing topics (PROTOCOL 1: never rely on broker auto-create); return those created.
+
+        A topic the broker refuses is the requester's error and says why.
+        """
+        try:
+            return self.admin.ensure(topics)
+        except KafkaException as e:
+            err = e.args[0]
+            refused = err.code() in (KafkaError.TOPIC_EXCEPTION, KafkaError.INVALID_CONFIG,
+                                     KafkaError.POLICY_VIOLATION, KafkaError.TOPIC_AUTHORIZATION_FAILED)
+            raise ProtocolError(ErrorCode.BAD_REQUEST if refused else ErrorCode.EPICS_FAILED,
+                                f"cannot create topic {', '.join(topics)[:300]}: {err.str()}") from None
 
     # ------------------------------------------------------------------ publish
     def _delivery(self, err, msg) -> None:

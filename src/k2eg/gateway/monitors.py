@@ -36,6 +36,9 @@ class Channel:
     first_value: threading.Event = field(default_factory=threading.Event)
     subscription: Subscription | None = None
     started: float = field(default_factory=time.monotonic)
+    # Orders an event's fan-out against a joining destination's re-publish, so a
+    # destination never sees a value twice or an older value after a newer one.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def connected(self) -> bool:
@@ -58,6 +61,7 @@ class MonitorHub:
         self._publish = publish
         self._channels: dict[PVUri, Channel] = {}
         self._lock = threading.RLock()
+        self.opened: dict[PVUri, int] = {}  # EPICS subscriptions ever opened per PV (status, tests)
 
     # ------------------------------------------------------------- subscribe
     def _channel(self, pv: PVUri) -> Channel:
@@ -65,18 +69,25 @@ class MonitorHub:
         ch = self._channels.get(pv)
         if ch is None:
             ch = Channel(pv)
-            self._channels[pv] = ch
             ch.subscription = self._providers[pv.protocol].monitor(pv.name, lambda tree, ch=ch: self._on_event(ch, tree))
+            self._channels[pv] = ch
+            self.opened[pv] = self.opened.get(pv, 0) + 1
         return ch
 
     def add_destination(self, pv: PVUri, topic: str, ser: Serialization) -> Channel:
         """Route ``pv``'s events to ``topic``; a known value is re-published at once."""
         with self._lock:
             ch = self._channel(pv)
-            ch.destinations[topic] = ser
-            last = ch.last
-        if last is not None:
-            self._publish(topic, pv.name, encode(replies.event(pv.name, last), ser, pv.name), ser)
+            with ch.lock:
+                ch.destinations[topic] = ser
+                last = ch.last
+                if last is not None:
+                    try:
+                        data = encode(replies.event(pv.name, last), ser, pv.name)
+                    except Exception as e:  # same rule as for events: log, keep the subscription
+                        log.error("cannot encode event of %s as %s: %s", pv, ser.value, e)
+                    else:
+                        self._publish(topic, pv.name, data, ser)
         return ch
 
     def add_tap(self, pv: PVUri, tap: Tap) -> Channel:
@@ -96,7 +107,8 @@ class MonitorHub:
         with self._lock:
             ch = self._channels.get(pv)
             if ch is not None:
-                ch.destinations.pop(topic, None)
+                with ch.lock:
+                    ch.destinations.pop(topic, None)
                 self._drop_if_idle(ch)
 
     def _drop_if_idle(self, ch: Channel) -> None:
@@ -111,20 +123,22 @@ class MonitorHub:
     # ------------------------------------------------------------- events
     def _on_event(self, ch: Channel, tree: dict) -> None:
         """EPICS callback thread: encode once per serialisation, publish to each destination."""
-        ch.last = tree
-        ch.events += 1
-        ch.first_value.set()
         name = ch.pv.name
-        encoded: dict[Serialization, bytes] = {}
-        for topic, ser in list(ch.destinations.items()):
-            data = encoded.get(ser)
-            if data is None:
-                try:
-                    data = encoded[ser] = encode({name: tree}, ser, name)
-                except Exception as e:  # a value we cannot encode must not kill the callback thread
-                    log.error("cannot encode event of %s: %s", ch.pv, e)
-                    return
-            self._publish(topic, name, data, ser)
+        with ch.lock:
+            ch.last = tree
+            ch.events += 1
+            encoded: dict[Serialization, bytes | None] = {}
+            for topic, ser in list(ch.destinations.items()):
+                if ser not in encoded:
+                    try:
+                        encoded[ser] = encode(replies.event(name, tree), ser, name)
+                    except Exception as e:  # a value we cannot encode must not kill the callback thread
+                        log.error("cannot encode event of %s as %s: %s", ch.pv, ser.value, e)
+                        encoded[ser] = None
+                data = encoded[ser]
+                if data is not None:
+                    self._publish(topic, name, data, ser)
+        ch.first_value.set()
         for tap in list(ch.taps):
             try:
                 tap(ch, tree)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Callable, ClassVar
@@ -21,6 +22,8 @@ from .uri import SNAPSHOT_NAME, PVUri, parse_pv_uri
 MAX_COMMAND_BYTES = 1 << 20  # a command is a small JSON object; refuse floods early
 MAX_PUT_BYTES = 16 << 20
 MAX_PV_LIST = 100_000
+MAX_REPLY_ID = 1024  # echoed in every reply: a huge one would make the reply too large for the broker
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")  # Kafka's legal topic names
 
 
 class Serialization(str, Enum):
@@ -144,12 +147,20 @@ class CommandError(ProtocolError):
 
 # ---------------------------------------------------------------- field readers
 
+def _missing(key: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, f"missing required field '{key}'")
+
+
+def _not_uri(where: str, v: object) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a string such as 'pva://NAME', got {_tname(v)}")
+
+
 
 def _str(doc: dict, key: str, required: bool = True, default: str | None = None) -> str | None:
     v = doc.get(key)
     if v is None:
         if required:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing required field '{key}'")
+            raise _missing(key)
         return default
     if not isinstance(v, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' must be a string, got {_tname(v)}")
@@ -181,17 +192,37 @@ def _bool(doc: dict, key: str, default: bool) -> bool:
     return v
 
 
+def topic_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a Kafka topic, or None if it can."""
+    if not _TOPIC.match(name) or name in (".", ".."):
+        if len(name) > 249:
+            return f"is {len(name)} characters long, Kafka allows at most 249"
+        return "may only hold letters, digits, '.', '_' and '-'"
+    return None
+
+
+def _topic(doc: dict, key: str, required: bool = True) -> str | None:
+    name = _str(doc, key, required=required)
+    if name:
+        why = topic_problem(name)
+        if why:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' is not a Kafka topic name: '{name[:60]}' {why}")
+    return name
+
+
 def _pv(doc: dict, key: str = "pv_name") -> PVUri:
     v = doc.get(key)
     if v is None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing required field '{key}'")
+        raise _missing(key)
+    if not isinstance(v, str):
+        raise _not_uri(f"field '{key}'", v)
     return parse_pv_uri(v)
 
 
 def _pv_list(doc: dict, key: str = "pv_name_list") -> tuple[PVUri, ...]:
     v = doc.get(key)
     if v is None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing required field '{key}'")
+        raise _missing(key)
     if not isinstance(v, list):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' must be a list of PV URIs, got {_tname(v)}")
     if not v:
@@ -199,7 +230,9 @@ def _pv_list(doc: dict, key: str = "pv_name_list") -> tuple[PVUri, ...]:
     if len(v) > MAX_PV_LIST:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' holds {len(v)} PVs, more than {MAX_PV_LIST}")
     out: dict[PVUri, None] = {}
-    for item in v:  # duplicates are served once, order kept
+    for n, item in enumerate(v):  # duplicates are served once, order kept
+        if not isinstance(item, str):
+            raise _not_uri(f"field '{key}' item {n}", item)
         out[parse_pv_uri(item)] = None
     return tuple(out)
 
@@ -239,18 +272,28 @@ def decode_put_value(text: object) -> dict:
     except Exception as e:  # msgpack raises several unrelated types
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'value' is not valid msgpack: {e}") from None
     if not isinstance(value, dict):
+        # -3 for a non-map value is the C++ gateway's code (PROTOCOL 4).
         raise ProtocolError(ErrorCode.TIMEOUT, f"field 'value' must hold a msgpack map such as {{\"value\": 42}}, got {_tname(value)}")
-    _check_depth(value, "value")
+    if not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'value' holds an empty map: name the fields to write, "
+                                                   "such as {\"value\": 42}")
+    _check_tree(value, "value")
     return value
 
 
-def _check_depth(obj: Any, what: str, limit: int = 32) -> None:
+def _check_tree(obj: Any, what: str, limit: int = 32) -> None:
+    """A put value is a tree of maps with string keys, at most ``limit`` levels deep."""
     stack = [(obj, 0)]
     while stack:
         o, d = stack.pop()
         if d > limit:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{what}' is nested deeper than {limit} levels")
         if isinstance(o, dict):
+            for k in o:
+                if not isinstance(k, str):
+                    raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                        f"field '{what}' has a map key {str(k)[:50]!r} that is not a string: "
+                                        "keys are field names")
             stack.extend((v, d + 1) for v in o.values())
         elif isinstance(o, list):
             stack.extend((v, d + 1) for v in o)
@@ -275,19 +318,27 @@ def _info(doc, env):
 
 def _put(doc, env):
     pv = _pv(doc)
-    return Put(**env, pv=pv, value=decode_put_value(doc.get("value")) if "value" in doc else _missing("value"))
+    if "value" not in doc:
+        raise _missing("value")
+    return Put(**env, pv=pv, value=decode_put_value(doc["value"]))
 
 
 def _monitor(doc, env):
     pv = _pv(doc)
-    dest = _str(doc, "monitor_dest_topic", required=False) or env["reply_topic"]
+    dest = _topic(doc, "monitor_dest_topic", required=False) or env["reply_topic"]
     if not dest:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "monitor needs 'monitor_dest_topic' or 'reply_topic'")
     return Monitor(**env, pv=pv, destination=dest)
 
 
 def _multi_monitor(doc, env):
-    return MultiMonitor(**env, pvs=_pv_list(doc))
+    pvs = _pv_list(doc)
+    for pv in pvs:
+        why = topic_problem(pv.topic)
+        if why:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"PV '{pv.name[:60]}' cannot have a monitor topic: "
+                                                       f"its topic name {why}")
+    return MultiMonitor(**env, pvs=pvs)
 
 
 def _snapshot(doc, env):
@@ -317,7 +368,8 @@ def _repeating(doc, env):
 
 def _trigger(doc, env):
     _str(doc, "reply_topic")
-    tags = doc.get("tags") or {}
+    tags = doc.get("tags")
+    tags = {} if tags is None else tags
     if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'tags' must be a map of string to string")
     return SnapshotTrigger(**env, snapshot_name=_snapshot_name(doc), tags=tags)
@@ -333,8 +385,6 @@ def _status(doc, env):
     return Status(**env)
 
 
-def _missing(key):
-    raise ProtocolError(ErrorCode.BAD_REQUEST, f"missing required field '{key}'")
 
 
 BUILDERS: dict[str, Callable[[dict, dict], Command]] = {
@@ -359,19 +409,25 @@ def parse_command(raw: bytes | str | None) -> Command:
     env: dict[str, Any] = {}
     # The reply address is read first and leniently: even a broken command deserves an answer.
     rt, rid = doc.get("reply_topic"), doc.get("reply_id")
-    env["reply_topic"] = rt if isinstance(rt, str) and rt else None
+    env["reply_topic"] = rt if isinstance(rt, str) and rt and topic_problem(rt) is None else None
     env["reply_id"] = rid if isinstance(rid, str) else (str(rid) if isinstance(rid, (int, float)) and not isinstance(rid, bool) else None)
+    if env["reply_id"] is not None and len(env["reply_id"]) > MAX_REPLY_ID:
+        env["reply_id"] = env["reply_id"][:MAX_REPLY_ID]
+        raise CommandError(ErrorCode.BAD_REQUEST, f"field 'reply_id' is longer than {MAX_REPLY_ID} characters",
+                           Command(**env))
     envelope = Command(**env)
     name = doc.get("command")
     try:
         if "serialization" in doc:
             env["serialization"] = Serialization.parse(doc["serialization"])
         envelope = Command(**env)
-        if rt is not None and not isinstance(rt, str):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'reply_topic' must be a string, got {_tname(rt)}")
+        if rt is not None:
+            _topic(doc, "reply_topic")
+        if rid is not None and env["reply_id"] is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'reply_id' must be a string, got {_tname(rid)}")
         if not isinstance(name, str):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "missing required field 'command'" if name is None
-                                else f"field 'command' must be a string, got {_tname(name)}")
+            raise _missing("command") if name is None else ProtocolError(
+                ErrorCode.BAD_REQUEST, f"field 'command' must be a string, got {_tname(name)}")
         builder = BUILDERS.get(name.lower())
         if builder is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown command '{name[:50]}' (known: {', '.join(BUILDERS)})")

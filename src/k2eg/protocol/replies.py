@@ -11,6 +11,7 @@ from .errors import ErrorCode
 PARSE_ERROR_KEY = "k2eg-parse-error"        # key of replies to commands that could not be read
 SNAPSHOT_KEY = "snapshot-dist-key"          # one-shot snapshot records
 REPEATING_REPLY_KEY = "repeating-snapshot-events"
+STATUS_KEY = "k2eg-status"                  # ext: replies to 'status'
 
 
 def ok(reply_id: str | None, message: str | None = None, **extra: Any) -> dict:
@@ -34,6 +35,11 @@ def value(reply_id: str | None, name: str, tree: Any) -> dict:
 def event(name: str, tree: Any) -> dict:
     """A monitor event: only the PV key, so 0.3.0 clients take the first key as the PV."""
     return {name: tree}
+
+
+def status(reply_id: str | None, state: dict) -> dict:
+    """ext: a gateway's state (counters, monitors, subscriptions) under ``status``."""
+    return {"error": 0, "reply_id": reply_id, "status": state}
 
 
 def snapshot_complete(reply_id: str | None) -> dict:

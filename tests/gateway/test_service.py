@@ -1,0 +1,226 @@
+"""Gateway command handling and monitor fan-out with fake Kafka and EPICS: races and failure paths
+that the real stack shows only rarely."""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from k2eg.gateway import options as O
+from k2eg.gateway.epics.base import connect_timeout
+from k2eg.gateway.monitors import MonitorHub
+from k2eg.gateway.service import Gateway
+from k2eg.protocol import commands as C
+from k2eg.protocol.codec import decode
+from k2eg.protocol.errors import ErrorCode, ProtocolError
+from k2eg.protocol.uri import parse_pv_uri
+
+OPTS = ["--cmd-input-topic", "cmd", "--sub-server-address", "k", "--pub-server-address", "k",
+        "--pv-connection-timeout", "0.3", "--command-workers", "4"]
+
+
+class FakeSub:
+    def __init__(self, cb):
+        self.cb = cb
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class FakeProvider:
+    """PVs named 'good*' exist; events are fired by the test through ``fire``."""
+
+    protocol = "pva"
+
+    def __init__(self):
+        self.subs: dict[str, list[FakeSub]] = {}
+
+    def get(self, name, timeout):
+        if not name.startswith("good"):
+            raise connect_timeout(name, timeout)
+        return {"value": 1.0}
+
+    def put(self, name, value, timeout):
+        self.get(name, timeout)
+
+    def info(self, name, timeout):
+        self.get(name, timeout)
+        return {"protocol": "pva", "name": name}
+
+    def monitor(self, name, on_event):
+        sub = FakeSub(on_event)
+        self.subs.setdefault(name, []).append(sub)
+        if name.startswith("good"):
+            on_event({"value": 0.0})
+        return sub
+
+    def fire(self, name, tree):
+        for sub in self.subs[name]:
+            if not sub.closed:
+                sub.cb(tree)
+
+    def close(self):
+        pass
+
+
+class FakeAdmin:
+    def __init__(self, log):
+        self.log = log
+        self.created: set[str] = set()
+
+    def ensure(self, topics, timeout=10.0):
+        self.log.append(("ensure", tuple(topics)))
+        made = [t for t in topics if t not in self.created]
+        self.created.update(made)
+        return made
+
+
+class FakeIO:
+    def __init__(self, refuse: set[str] = frozenset()):
+        self.log: list[tuple] = []
+        self.admin = FakeAdmin(self.log)
+        self.refuse = refuse
+        self.dropped = 0
+
+    def ensure_topics(self, topics):
+        bad = [t for t in topics if t in self.refuse]
+        if bad:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"cannot create topic {bad[0]}: refused")
+        return self.admin.ensure(topics)
+
+    def publish(self, topic, key, record, ser=C.Serialization.MSGPACK, value_key=None):
+        self.log.append(("publish", topic, key, record))
+
+    def publish_bytes(self, topic, key, data, ser):
+        self.log.append(("publish", topic, key, decode(data, ser.header)))
+
+    def replies(self, topic):
+        return [e[3] for e in self.log if e[0] == "publish" and e[1] == topic]
+
+
+@pytest.fixture
+def gw():
+    io, provider = FakeIO(refuse={"refused-topic"}), FakeProvider()
+    g = Gateway(O.parse(OPTS, environ={}), io, {"pva": provider, "ca": provider})
+    yield g
+    g.close()
+
+
+def run(g: Gateway, *docs: Any) -> None:
+    """Handle commands and wait until every worker is done."""
+    for d in docs:
+        g.handle(d if isinstance(d, (bytes, type(None))) else json.dumps(d).encode())
+    g.workers.shutdown(wait=True)
+
+
+def test_reply_topic_is_created_before_the_first_reply(gw):
+    run(gw, {"command": "get", "pv_name": "pva://good:a", "reply_topic": "app-reply", "reply_id": "1"})
+    first_ensure = gw.io.log.index(("ensure", ("app-reply",)))
+    first_publish = next(i for i, e in enumerate(gw.io.log) if e[0] == "publish")
+    assert first_ensure < first_publish
+    assert gw.io.replies("app-reply") == [{"error": 0, "reply_id": "1", "good:a": {"value": 1.0}}]
+
+
+def test_handle_survives_a_parser_bug(gw, monkeypatch):
+    """A bug in parsing must not stop the command loop: logged, counted, nothing raised."""
+    monkeypatch.setattr(C, "parse_command", lambda raw: 1 / 0)
+    run(gw, {"command": "get"})
+    assert gw.counters["bad"] == 1 and gw.counters["unanswerable"] == 1
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"\xff\xfe", b"[]", b"{", b"null", b"[" * 100_000])
+def test_unreadable_commands_are_counted_not_fatal(gw, raw):
+    run(gw, raw)
+    assert gw.counters == {"received": 1, "bad": 1, "failed": 1, "unanswerable": 1}
+    assert not [e for e in gw.io.log if e[0] == "publish"]
+
+
+def test_a_destination_the_broker_refuses_is_an_error_reply(gw):
+    run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "refused-topic",
+             "reply_topic": "r", "reply_id": "m"})
+    (rep,) = gw.io.replies("r")
+    assert rep["error"] == -1 and "refused-topic" in rep["message"]
+    assert gw.hub.get(parse_pv_uri("pva://good:a")) is None  # nothing left subscribed
+
+
+def test_multi_monitor_reports_the_pvs_that_did_not_connect_and_keeps_the_others(gw):
+    run(gw, {"command": "multi-monitor", "pv_name_list": ["pva://good:a", "pva://bad:a", "pva://bad:b"],
+             "reply_topic": "r", "reply_id": "mm"})
+    (rep,) = gw.io.replies("r")
+    assert rep["error"] == -3 and "2 of 3" in rep["message"] and "pva://bad:b" in rep["message"]
+    assert gw.hub.get(parse_pv_uri("pva://good:a")).destinations == {"good_a": C.Serialization.MSGPACK}
+    assert gw.hub.get(parse_pv_uri("pva://bad:a")) is None
+
+
+def test_status_shows_one_subscription_shared_by_destinations(gw):
+    run(gw, *[{"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": d, "reply_topic": "r",
+               "reply_id": d} for d in ("d1", "d2")], {"command": "status", "reply_topic": "s", "reply_id": "s"})
+    status = gw.io.replies("s")[0]["status"]
+    (entry,) = status["monitors"]
+    assert entry["subscriptions_opened"] == 1 and set(entry["destinations"]) == {"d1", "d2"}
+    assert len(gw.providers["pva"].subs["good:a"]) == 1
+
+
+# ---------------------------------------------------------------------------- MonitorHub
+class Recorder:
+    def __init__(self):
+        self.records: list[tuple[str, Any]] = []
+        self.lock = threading.Lock()
+        self.hook = None
+
+    def __call__(self, topic, key, data, ser):
+        hook, self.hook = self.hook, None
+        if hook:
+            hook()
+        with self.lock:
+            self.records.append((topic, decode(data, ser.header)))
+
+    def values(self, topic):
+        return [rec[key]["value"] for t, rec in self.records if t == topic for key in rec]
+
+
+def test_joining_destination_never_gets_an_older_value_after_a_newer_one():
+    """The re-publish of the current value and a concurrent event must reach the topic in order."""
+    provider, rec = FakeProvider(), Recorder()
+    hub = MonitorHub({"pva": provider}, rec)
+    pv = parse_pv_uri("pva://good:a")
+    hub.add_destination(pv, "first", C.Serialization.MSGPACK)  # current value 0.0
+    racer = threading.Thread(target=provider.fire, args=("good:a", {"value": 1.0}))
+
+    def event_during_republish():
+        racer.start()
+        racer.join(0.5)  # gives an unordered hub the chance to publish 1.0 first
+
+    rec.hook = event_during_republish
+    hub.add_destination(pv, "second", C.Serialization.MSGPACK)
+    racer.join()
+    assert rec.values("second") == [0.0, 1.0]
+    assert rec.values("first") == [0.0, 1.0]
+
+
+def test_event_that_cannot_be_encoded_still_reaches_snapshot_taps():
+    provider, rec = FakeProvider(), Recorder()
+    hub = MonitorHub({"pva": provider}, rec)
+    pv = parse_pv_uri("pva://good:a")
+    seen = []
+    hub.add_destination(pv, "t", C.Serialization.MSGPACK)
+    hub.add_tap(pv, lambda ch, tree: seen.append(tree))
+    bad = {"value": object()}
+    provider.fire("good:a", bad)
+    assert seen == [bad]
+    assert hub.get(pv).last is bad
+
+
+def test_last_destination_removed_closes_the_subscription():
+    provider, rec = FakeProvider(), Recorder()
+    hub = MonitorHub({"pva": provider}, rec)
+    pv = parse_pv_uri("pva://good:a")
+    hub.add_destination(pv, "a", C.Serialization.MSGPACK)
+    hub.add_destination(pv, "b", C.Serialization.JSON)
+    hub.remove_destination(pv, "a")
+    assert not provider.subs["good:a"][0].closed
+    hub.remove_destination(pv, "b")
+    assert provider.subs["good:a"][0].closed and hub.get(pv) is None
