@@ -58,7 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
     io = KafkaIO(opts)
     providers = {"pva": PVAProvider(), "ca": CAProvider()}
-    gw = Gateway(opts, io, providers)
+    try:
+        gw = Gateway(opts, io, providers)
+    except ValueError as e:  # e.g. an unreadable access rules file: refuse to start
+        print(f"k2eg-gateway: {e}", file=sys.stderr)
+        return 2
+    metrics = None
+    if opts.metric_enable:
+        from .metrics import Metrics
+
+        metrics = Metrics(gw.metrics, io.assigned.is_set)
+        io.latency = metrics.produce_latency
+        metrics.serve(opts.metric_server_http_port)
     stopping = False
 
     def _stop(signum, frame):
@@ -79,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"k2eg gateway ready: consuming {opts.cmd_input_topic}", file=sys.stderr, flush=True)
     finally:
         log.info("stopping")
+        if metrics is not None:
+            metrics.close()
         gw.close()
         io.stop()
         for p in providers.values():

@@ -39,6 +39,9 @@ class KafkaIO:
         self.consumer: Consumer | None = None
         self.assigned = threading.Event()
         self.dropped = 0
+        self.published = 0        # records and bytes handed to librdkafka (metrics)
+        self.published_bytes = 0
+        self.latency = None       # a prometheus Histogram when metrics are on
         self._on_delivery_error = on_delivery_error
         self._running = True
         self._running_consumer = True
@@ -62,6 +65,10 @@ class KafkaIO:
 
     # ------------------------------------------------------------------ publish
     def _delivery(self, err, msg) -> None:
+        if err is None:
+            if self.latency is not None:
+                self.latency.observe(msg.latency() or 0.0)
+            return
         if err is not None:
             self.dropped += 1
             log.error("record to %s lost: %s", msg.topic(), err)
@@ -81,6 +88,8 @@ class KafkaIO:
         for attempt in range(200):
             try:
                 self.producer.produce(topic, payload, key, headers=headers, on_delivery=self._delivery)
+                self.published += 1
+                self.published_bytes += len(payload)
                 return
             except BufferError:
                 # Local queue full: give librdkafka a moment to drain, bounded.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -18,56 +17,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger("k2eg.gateway.metrics")
 
 
-@dataclass
-class Stats:
-    """What the gateway counts; every field is updated where the thing happens."""
-
-    commands: dict[str, int] = field(default_factory=dict)       # received / bad / failed
-    epics: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, outcome) -> n
-    events_published: int = 0
-    bytes_published: int = 0
-    dropped: int = 0
-    puts_denied: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def count(self, what: str, n: int = 1) -> None:
-        with self.lock:
-            self.commands[what] = self.commands.get(what, 0) + n
-
-    def epics_op(self, kind: str, ok: bool) -> None:
-        key = (kind, "ok" if ok else "error")
-        with self.lock:
-            self.epics[key] = self.epics.get(key, 0) + 1
-
-
 class _Collector:
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]]):
-        self.stats = stats
-        self.gauges = gauges
+    """Reads the gateway's own counters at scrape time (``read`` returns them as one dict)."""
+
+    def __init__(self, read: Callable[[], dict]):
+        self.read = read
 
     def collect(self):
-        s = self.stats
+        s = self.read()
         c = CounterMetricFamily("k2eg_commands", "Commands by outcome", labels=["outcome"])
-        for what, n in sorted(s.commands.items()):
+        for what, n in sorted(s.get("commands", {}).items()):
             c.add_metric([what], n)
         yield c
-        e = CounterMetricFamily("k2eg_epics_operations", "EPICS operations", labels=["kind", "outcome"])
-        for (kind, outcome), n in sorted(s.epics.items()):
+        e = CounterMetricFamily("k2eg_epics_operations", "Operations by kind and outcome", labels=["kind", "outcome"])
+        for (kind, outcome), n in sorted(s.get("operations", {}).items()):
             e.add_metric([kind, outcome], n)
         yield e
-        yield CounterMetricFamily("k2eg_events_published", "Records handed to Kafka", value=s.events_published)
-        yield CounterMetricFamily("k2eg_bytes_published", "Bytes handed to Kafka", value=s.bytes_published)
-        yield CounterMetricFamily("k2eg_events_dropped", "Records lost (queue full or delivery failed)",
-                                  value=s.dropped)
-        yield CounterMetricFamily("k2eg_puts_denied", "Puts refused by access rules", value=s.puts_denied)
-        for name, value in self.gauges().items():
-            yield GaugeMetricFamily(f"k2eg_{name}", name.replace("_", " "), value=value)
+        for name in ("events_published", "bytes_published", "events_dropped", "puts_denied", "snapshot_iterations"):
+            yield CounterMetricFamily(f"k2eg_{name}", name.replace("_", " "), value=s.get(name, 0))
+        for name in ("pvs_total", "pvs_connected", "producer_queue_depth", "repeating_snapshots"):
+            yield GaugeMetricFamily(f"k2eg_{name}", name.replace("_", " "), value=s.get(name, 0))
 
 
 class Metrics:
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, float]], ready: Callable[[], bool]):
+    def __init__(self, read: Callable[[], dict], ready: Callable[[], bool]):
         self.registry = CollectorRegistry()
-        self.registry.register(_Collector(stats, gauges))
+        self.registry.register(_Collector(read))
         self.produce_latency = Histogram("k2eg_produce_latency_seconds", "produce() to broker ack",
                                          registry=self.registry,
                                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10))

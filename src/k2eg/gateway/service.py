@@ -20,6 +20,7 @@ from k2eg.protocol.uri import PVUri
 from .epics.base import Provider, connect_timeout
 from .kafka import KafkaIO
 from .monitors import MonitorHub
+from .access import PutPolicy, app_of
 from .options import Options
 from .snapshots import SnapshotManager
 
@@ -37,6 +38,9 @@ class Gateway:
         self.hub = MonitorHub(providers, self._publish_bytes)
         self.workers = ThreadPoolExecutor(opts.command_workers, thread_name_prefix="k2eg-cmd")
         self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0}
+        self.operations: dict[tuple[str, str], int] = {}   # (command, ok|error) -> n, for metrics
+        self.puts_denied = 0
+        self.policy = PutPolicy.from_options(opts.access_rules, opts.read_only)
         self.started = time.time()
         self._lock = threading.Lock()
         self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read, self.io.ensure_topics)
@@ -129,13 +133,33 @@ class Gateway:
         return replies.PARSE_ERROR_KEY
 
     def _run(self, handler: Callable[[Any], None], cmd: C.Command) -> None:
+        ok = False
         try:
             handler(cmd)
+            ok = True
         except ProtocolError as e:
             self.fail(cmd, self._key(cmd), e.code, e.message)
         except Exception as e:  # a bug or library failure: answer, log, keep serving
             log.exception("%s failed unexpectedly", cmd.name)
             self.fail(cmd, self._key(cmd), ErrorCode.EPICS_FAILED, f"{cmd.name} failed: {type(e).__name__}: {e}")
+        finally:
+            key = (cmd.name, "ok" if ok else "error")
+            with self._lock:
+                self.operations[key] = self.operations.get(key, 0) + 1
+
+    def metrics(self) -> dict:
+        """Everything the Prometheus endpoint shows, read at scrape time."""
+        channels = self.hub.channels()
+        with self._lock:
+            commands, operations, denied = dict(self.counters), dict(self.operations), self.puts_denied
+        return {
+            "commands": commands, "operations": operations, "puts_denied": denied,
+            "events_published": self.io.published, "bytes_published": self.io.published_bytes,
+            "events_dropped": self.io.dropped, "producer_queue_depth": len(self.io.producer),
+            "pvs_total": len(channels), "pvs_connected": sum(1 for ch in channels if ch.connected),
+            "snapshot_iterations": getattr(self.snapshots, "iterations", 0),
+            "repeating_snapshots": len(getattr(self.snapshots, "running", {})),
+        }
 
     def provider(self, pv: PVUri) -> Provider:
         return self.providers[pv.protocol]
@@ -149,8 +173,16 @@ class Gateway:
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, tree), cmd.pv.uri, cmd.pv.name)
 
     def on_put(self, cmd: C.Put) -> None:
+        app = app_of(cmd.reply_topic)
+        try:
+            self.policy.check(cmd.pv.name, app)
+        except ProtocolError as e:
+            with self._lock:
+                self.puts_denied += 1
+            log.warning("put %s = %s by %s denied: %s", cmd.pv.uri, _short(cmd.value), app or "?", e.message)
+            raise
         self.provider(cmd.pv).put(cmd.pv.name, cmd.value, self.timeout)
-        log.info("put %s = %s by %s", cmd.pv.uri, _short(cmd.value), cmd.reply_topic or "?")
+        log.info("put %s = %s by %s", cmd.pv.uri, _short(cmd.value), app or "?")
         self.reply(cmd, replies.ok(cmd.reply_id, f"put of {cmd.pv.uri} done"), cmd.pv.uri)
 
     def on_info(self, cmd: C.Info) -> None:

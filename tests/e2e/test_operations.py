@@ -1,0 +1,118 @@
+"""Operations: Prometheus metrics during real traffic, put access rules, read-only (a second gateway)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from k2eg import OperationError
+from k2eg.dml import dml
+from k2eg.stack.ports import free_port
+
+pytestmark = pytest.mark.e2e
+
+RULES = """
+DENY  variable:b            # nobody writes b through this gateway
+ALLOW variable:a   ops-.*   # only ops-* apps write a
+"""
+
+
+@pytest.fixture(scope="module")
+def ops_gateway(stack, tmp_path_factory):
+    """A gateway with metrics and access rules on its own command topic, beside the session one."""
+    d = tmp_path_factory.mktemp("ops")
+    (d / "rules.acl").write_text(RULES)
+    (d / "ops.ini").write_text(f"[DEFAULT]\nkafka_broker_url={stack.bootstrap}\nk2eg_cmd_topic=k2eg-cmd-ops\n")
+    port = free_port()
+    env = {**os.environ, **stack.client_env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "k2eg.gateway", "--cmd-input-topic", "k2eg-cmd-ops",
+         "--sub-server-address", stack.bootstrap, "--pub-server-address", stack.bootstrap,
+         "--sub-group-id", "k2eg-ops", "--pv-connection-timeout", "2", "--metric-enable", "true",
+         "--metric-server-http-port", str(port), "--access-rules", str(d / "rules.acl")],
+        env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            lines.append(line)
+            if "k2eg gateway ready" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert ready.wait(60), "".join(lines[-20:])
+    yield {"dir": d, "port": port, "log": lines, "proc": proc}
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture
+def ops_client(ops_gateway, monkeypatch):
+    def make(app):
+        monkeypatch.setenv("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", str(ops_gateway["dir"]))
+        return dml("ops", app)
+    return make
+
+
+def scrape(port: int, path: str = "/metrics") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_move_with_real_traffic(ops_gateway, ops_client):
+    port = ops_gateway["port"]
+    assert scrape(port, "/healthz").strip() == "ok" and scrape(port, "/readyz").strip() == "ready"
+    before = scrape(port)
+    with ops_client("ops-metrics") as k:
+        for _ in range(5):
+            k.get("pva://variable:a", timeout=10)
+        got = threading.Event()
+        k.monitor("pva://channel:counter", lambda n, v: got.set(), timeout=10)
+        assert got.wait(10)
+        time.sleep(1)  # let ~10 monitor events through
+    after = scrape(port)
+    assert metric(after, 'k2eg_commands_total{outcome="received"}') >= \
+        metric(before, 'k2eg_commands_total{outcome="received"}') + 6
+    assert metric(after, 'k2eg_epics_operations_total{kind="get",outcome="ok"}') >= 5
+    assert metric(after, "k2eg_events_published_total") > metric(before, "k2eg_events_published_total") + 5
+    assert metric(after, "k2eg_bytes_published_total") > metric(before, "k2eg_bytes_published_total")
+    assert metric(after, "k2eg_pvs_total") >= 1 and metric(after, "k2eg_produce_latency_seconds_count") > 0
+
+
+def test_denied_put_names_the_rule_and_leaves_the_pv_unchanged(ops_gateway, ops_client, k):
+    before = k.get("ca://variable:b", timeout=10)["value"]
+    with ops_client("ops-writer") as w:
+        with pytest.raises(OperationError) as e:
+            w.put("ca://variable:b", before + 1, timeout=10)
+        assert e.value.error == -4 and "rules.acl:2" in e.value.args[0]
+        w.put("ca://variable:a", 1.25, timeout=10)          # allowed for ops-*
+    with ops_client("physicist") as p:
+        with pytest.raises(OperationError, match="no rule"):
+            p.put("ca://variable:a", 2.0, timeout=10)
+    assert k.get("ca://variable:b", timeout=10)["value"] == before
+    assert k.get("ca://variable:a", timeout=10)["value"] == 1.25
+    log = "".join(ops_gateway["log"])
+    assert "denied" in log and "ops-writer" in log and "variable:b" in log
+    assert metric(scrape(ops_gateway["port"]), "k2eg_puts_denied_total") >= 2
+
+
+def test_unreadable_rules_file_refuses_to_start(stack, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "k2eg.gateway", "--cmd-input-topic", "x", "--sub-server-address", stack.bootstrap,
+         "--pub-server-address", stack.bootstrap, "--access-rules", str(tmp_path / "missing.acl")],
+        env={**os.environ, **stack.client_env()}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "missing.acl" in proc.stderr
