@@ -51,6 +51,41 @@ def collect_monitor(uris, n, start):
     return got
 
 
+def recurring(snapshot_name, uris, until, **props):
+    """Start a repeating snapshot, collect handler calls until ``until(calls)`` (or T), stop it."""
+    from k2eg.broker import SnapshotProperties
+
+    calls, lock, done = [], threading.Lock(), threading.Event()
+
+    def handler(first, data):
+        with lock:
+            calls.append((first, data))
+            if until(calls):
+                done.set()
+
+    reply = k.snapshot_recurring(SnapshotProperties(snapshot_name=snapshot_name, pv_uri_list=list(uris), **props),
+                                 handler, T)
+    done.wait(T)
+    k.snapshot_stop(snapshot_name, T)
+    with lock:
+        return reply, list(calls)
+
+
+def iterations_summary(calls, snapshot_name, topic, names):
+    """What a repeating-snapshot handler received, independent of thread-pool order."""
+    its = sorted(d["iteration"] for _, d in calls)
+    return {
+        "first_arg": sorted({"name" if f == snapshot_name else "topic" if f == topic else f for f, _ in calls}),
+        "keys": sorted({key for _, d in calls for key in d}),
+        "consecutive": bool(its) and its == list(range(its[0], its[0] + len(its))),
+        "every_pv": all(all(n in d for n in names) for _, d in calls),
+    }
+
+
+def snapshot_topic(snapshot_name):
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in snapshot_name.lower())
+
+
 try:
     for step in steps:
         if step == "get":
@@ -66,7 +101,9 @@ try:
             k.put("ca://channel:short", Vector(payload=[-7, 7, -32768]), T)
             out["put vector"] = [list(k.get("ca://channel:waveform", T)["value"])[:3],
                                  list(k.get("pva://channel:short", T)["value"])[:3]]
+            # Restore the demo IOC's initial arrays: other tests read them.
             k.put("pva://channel:short", Vector(payload=[-3, -2, -1, 0, 1, 2, 32767, -32768]), T)
+            k.put("pva://channel:waveform", Vector(payload=[i + 0.5 for i in range(16)]), T)
             table = NTTable(labels=["name", "x", "n"])
             table.set_column("name", ["p", "q"]).set_column("x", [0.5, 1.5]).set_column("n", [10, -20])
             k.put("pva://pva:table", table, T)
@@ -96,6 +133,73 @@ try:
             snap = k.snapshot_sync(["ca://variable:a", "pva://channel:counter"], timeout=T)
             out["snapshot"] = {"keys": sorted(snap), "all_read": all(len(v) >= 1 for key, v in snap.items()
                                                                      if key != "error")}
+        elif step == "snap_one_shot":
+            # Async handler; a duplicate URI; an unknown PV still gets a record (an INVALID alarm).
+            got, done = [], threading.Event()
+            uris = ["ca://variable:a", "pva://channel:counter", "pva://no:such:pv", "ca://variable:a"]
+            rid = k.snapshot(uris, lambda i, d: (got.append((i, d)), done.set()))
+            done.wait(T)
+            i, d = got[0] if got else (None, {})
+            unknown = (d.get("no:such:pv") or [{}])[0]
+            out["snap_one_shot"] = {
+                "id_matches": i == rid, "keys": sorted(d), "counts": {n: len(v) for n, v in sorted(d.items())},
+                "unknown": {"has_value": "value" in unknown, "severity": unknown.get("alarm", {}).get("severity"),
+                            "names_pv": "no:such:pv" in unknown.get("alarm", {}).get("message", "")},
+                "counter_shape": shape(d["channel:counter"][0]) if d.get("channel:counter") else None,
+            }
+        elif step == "snap_recurring_normal":
+            nm = f"Compat_Normal_{app}_{int(time.time() * 1000) % 10**8}"
+            uris = ["ca://variable:a", "pva://channel:counter", "pva://channel:enum"]
+            names = [u.split("://", 1)[1] for u in uris]
+            reply, calls = recurring(nm, uris, lambda c: len(c) >= 3, time_window=200)
+            s = iterations_summary(calls, nm, snapshot_topic(nm), names)
+            s.update(publishing_topic=reply.get("publishing_topic") == snapshot_topic(nm), n=len(calls) >= 3,
+                     one_value_each=all(len(d[n]) == 1 for _, d in calls for n in names))
+            out["snap_recurring_normal"] = s
+        elif step == "snap_recurring_timed":
+            nm = f"Compat_Timed_{app}_{int(time.time() * 1000) % 10**8}"
+            from k2eg.broker import SnapshotType
+            uris = ["pva://channel:counter", "ca://variable:b"]
+            names = [u.split("://", 1)[1] for u in uris]
+            reply, calls = recurring(nm, uris, lambda c: len(c) >= 2, time_window=500, sub_push_delay_msec=100,
+                                     type=SnapshotType.TIMED_BUFFERED, pv_field_filter_list=["value"])
+            s = iterations_summary(calls, nm, snapshot_topic(nm), names)
+            counters = [v for _, d in calls for v in d["channel:counter"]]
+            s.update(n=len(calls) >= 2, several_per_window=all(len(d["channel:counter"]) >= 2 for _, d in calls),
+                     filtered=sorted({key for v in counters for key in v}))
+            out["snap_recurring_timed"] = s
+        elif step == "snap_triggered":
+            from k2eg.broker import SnapshotProperties
+
+            nm = f"Compat_Trig_{app}_{int(time.time() * 1000) % 10**8}"
+            uris = ["ca://variable:a", "pva://pva:counter"]
+            calls, lock = [], threading.Lock()
+
+            def on_iteration(first, data):
+                with lock:
+                    calls.append((first, data))
+
+            k.snapshot_recurring(SnapshotProperties(snapshot_name=nm, pv_uri_list=uris, time_window=100,
+                                                    triggered=True), on_iteration, T)
+            time.sleep(0.5)
+            untriggered = len(calls)
+            # 0.3.0 reads the stream only once its consumer joined: trigger until a call arrives.
+            deadline = time.monotonic() + T
+            while not calls and time.monotonic() < deadline:
+                k.snapshost_trigger(nm, T)
+                time.sleep(0.5)
+            before = len(calls)
+            for _ in range(5):
+                k.snapshost_trigger(nm, T)
+            deadline = time.monotonic() + T
+            while len(calls) < before + 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            k.snapshot_stop(nm, T)
+            with lock:
+                s = iterations_summary(calls, nm, snapshot_topic(nm), [u.split("://", 1)[1] for u in uris])
+                s.update(untriggered=untriggered, after_five=len(calls) - before)
+            out["snap_triggered"] = s
 finally:
     k.close()
 print(json.dumps(out))

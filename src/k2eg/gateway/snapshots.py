@@ -1,10 +1,54 @@
 """One-shot and repeating snapshots on top of the shared monitor hub (PROTOCOL section 7).
 
-"Same instant" for a *normal* iteration means: the latest value of every PV
-as held by the gateway at the instant the window closes, read in one pass
-while no update can interleave (the taps write under the snapshot's lock).
-A *timedbuffered* iteration carries every update that arrived inside the
-window instead.
+Every snapshot reads its PVs through taps on the hub's channels: one EPICS
+subscription per PV, shared with monitors and other snapshots, never taken
+away from them.
+
+One-shot ``snapshot``
+    One record per requested PV, carrying the PV's *first* value: at once
+    when a running subscription already holds it, otherwise as soon as it
+    arrives. The command completes (record ``error == 1``) as soon as every PV
+    has its record; at the latest when ``time_window_msec`` has elapsed, PVs
+    still silent are read with a get (in parallel, all within one connection
+    timeout), and a PV that cannot be read gets a record whose value is an
+    INVALID alarm saying why (``unreadable``). It is an ``error == 0`` record
+    because the 0.3.0 client ends the snapshot at the first non-zero error.
+
+Repeating ``repeating_snapshot``
+    Iterations (Header, Data..., Tail) on the snapshot's own topic, numbered
+    from 1. A window of ``time_window_msec`` opens when the iteration starts;
+    the next one starts ``repeat_delay_msec`` after the previous window
+    closed (``triggered``: when a ``repeating_snapshot_trigger`` arrives).
+    A stop closes an open window at once, publishes it as the final
+    iteration and only then replies, with ``iter_index`` = that iteration.
+
+    *timedbuffered*: every update that arrived while the window was open, in
+    arrival order, pushed every ``sub_push_delay_msec`` (else at the close).
+    With ``repeat_delay_msec == 0`` windows are back to back, so each update
+    lands in exactly one iteration.
+
+    *normal* -- the "same instant": an iteration is the state of its PVs at
+    one instant ``T``, the moment its window closes, measured on the EPICS
+    time line (the ``timeStamp`` of each value, which IOCs set when a record
+    is processed). For every PV the iteration holds the newest value stamped
+    no later than ``T``. The gateway waits ``SETTLE_S`` after ``T`` for such
+    values still in flight, so network and callback latency does not decide
+    which value is taken. If ``T`` falls inside a burst of updates -- stamps
+    closer than ``BURST_GAP_S`` to each other, as the records of one IOC scan
+    pass are -- ``T`` moves back to just before the burst (by at most
+    ``MAX_SHIFT_S``), so the records processed by one scan pass are always
+    all in the iteration or all out of it: PVs scanned together come from the
+    same scan tick. Each Data record's ``timestamp`` is ``T`` in ms. A value
+    without a timeStamp, or a PV whose stamps all lie after ``T`` (an IOC
+    clock running ahead of the gateway's), contributes the value that had
+    arrived when the window closed.
+
+Threads: one per running repeating snapshot (at most ``max_repeating``),
+plus a small pool for one-shot gets. Trigger and stop never block a command
+worker: the snapshot's thread answers them once the iteration is out. A
+failing iteration is logged and published as a Tail with an error; the
+thread only gives up after ``MAX_FAILURES`` failures in a row, and then
+answers everything still pending.
 """
 from __future__ import annotations
 
@@ -12,12 +56,12 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from k2eg.protocol import commands as C
 from k2eg.protocol import replies
-from k2eg.protocol.codec import encode
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import PVUri, snapshot_topic
 
@@ -25,18 +69,74 @@ from .monitors import Channel, MonitorHub
 
 log = logging.getLogger("k2eg.gateway.snapshots")
 
+SETTLE_S = 0.1          # wait after a normal window closes for values stamped before it
+BURST_GAP_S = 0.005     # stamps closer than this belong to one burst (one scan pass)
+MAX_SHIFT_S = 0.05      # the instant moves back at most this far to avoid cutting a burst
+HISTORY = 16            # values kept per PV to choose from
+MAX_FAILURES = 5        # consecutive failed iterations before a snapshot gives up
+MAX_PENDING = 1000      # queued triggers/stops per snapshot
+COMM_ALARM = 9          # alarm status of a PV the gateway could not talk to (as for a lost connection)
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 def unreadable(reason: str) -> dict:
-    """The record value of a PV that could not be read: an INVALID alarm saying why."""
-    return {"alarm": {"severity": 3, "status": 0, "message": reason}}
+    """The record value of a PV that could not be read: an INVALID alarm saying why, no ``value``."""
+    return {"alarm": {"severity": 3, "status": COMM_ALARM, "message": reason}}
 
 
-def filtered(tree: dict, keep: tuple[str, ...]) -> dict:
+def filtered(tree: Any, keep: tuple[str, ...]) -> Any:
+    """Only the top-level fields in ``keep`` (all when ``keep`` is empty)."""
     return {k: v for k, v in tree.items() if k in keep} if keep and isinstance(tree, dict) else tree
+
+
+def stamp(tree: Any) -> float | None:
+    """The EPICS timeStamp of a value tree as POSIX seconds, or None when it has none."""
+    ts = tree.get("timeStamp") if isinstance(tree, dict) else None
+    if not isinstance(ts, dict):
+        return None
+    s, ns = ts.get("secondsPastEpoch"), ts.get("nanoseconds") or 0
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 or not isinstance(ns, (int, float)):
+        return None
+    return s + ns * 1e-9
+
+
+def coherent(history: Mapping[Hashable, Sequence[tuple[float | None, Any]]], arrived: Mapping[Hashable, Any],
+             instant: float, gap: float = BURST_GAP_S, max_shift: float = MAX_SHIFT_S) -> tuple[float, dict]:
+    """The values of a normal iteration at ``instant`` (see the module docstring).
+
+    ``history``: per PV, (stamp, value) in arrival order; ``arrived``: per PV,
+    the value that had arrived at ``instant``. Returns the instant actually
+    used (moved back before a burst it would cut) and the chosen values.
+    """
+    lo_limit = instant - max_shift - gap
+    stamps = sorted(s for entries in history.values() for s, _ in entries
+                    if s is not None and lo_limit <= s <= instant + gap)
+    below = [s for s in stamps if s <= instant]
+    above = [s for s in stamps if s > instant]
+    used = instant
+    if below and above and above[0] - below[-1] <= gap:
+        start = below[-1]
+        for s in reversed(below[:-1]):
+            if start - s > gap:
+                break
+            start = s
+        if instant - start <= max_shift:
+            used = start - 1e-6
+    values: dict = {}
+    for key in set(history) | set(arrived):
+        best, best_stamp = None, None
+        for s, tree in history.get(key, ()):
+            if s is not None and s <= used and (best_stamp is None or s >= best_stamp):
+                best, best_stamp = tree, s
+        if best_stamp is None:
+            if key not in arrived:
+                continue
+            best = arrived[key]
+        values[key] = best
+    return used, values
 
 
 # ----------------------------------------------------------------------------- one-shot
@@ -45,230 +145,425 @@ class OneShot:
     """Publishes each PV's first value, reads the silent ones at the window's end, then completes."""
 
     def __init__(self, cmd: C.Snapshot, hub: MonitorHub, publish: Callable[[dict, str | None], None],
-                 read: Callable[[PVUri], dict]):
-        self.cmd, self.hub, self.publish, self.read = cmd, hub, publish, read
+                 read: Callable[[PVUri], dict], pool: ThreadPoolExecutor | None = None, read_timeout: float = 5.0):
+        self.cmd, self.hub, self.publish, self.read, self.pool = cmd, hub, publish, read, pool
+        self.read_timeout = read_timeout
         self.sent: set[PVUri] = set()
+        self.closed = False
         self.lock = threading.Lock()
+        self.all_sent = threading.Event()
+
+    def _offer(self, pv: PVUri, tree: Any) -> None:
+        """Publish ``pv``'s record unless it already has one. Under the lock, so completion comes last."""
+        with self.lock:
+            if self.closed or pv in self.sent:
+                return
+            self.sent.add(pv)
+            try:
+                self.publish(replies.value(self.cmd.reply_id, pv.name, tree), pv.name)
+            except Exception as e:  # a value we cannot encode still gets its record
+                log.exception("snapshot %s: cannot publish the value of %s", self.cmd.reply_id, pv)
+                self.publish(replies.value(self.cmd.reply_id, pv.name,
+                                           unreadable(f"cannot encode the value: {type(e).__name__}: {e}")), pv.name)
+            if len(self.sent) == len(self.cmd.pvs):
+                self.all_sent.set()
 
     def _tap(self, ch: Channel, tree: dict) -> None:
+        self._offer(ch.pv, tree)
+
+    def _read(self, pv: PVUri) -> None:
         with self.lock:
-            if ch.pv in self.sent:
+            if pv in self.sent or self.closed:
                 return
-            self.sent.add(ch.pv)
-        self.publish(replies.value(self.cmd.reply_id, ch.pv.name, tree), ch.pv.name)
-        self.hub.remove_tap(ch.pv, self._tap)
+        try:
+            tree = self.read(pv)
+        except ProtocolError as e:
+            tree = unreadable(e.message)
+        except Exception as e:  # a provider bug: still a record, never a lost PV
+            log.exception("snapshot get of %s failed", pv)
+            tree = unreadable(f"get failed: {type(e).__name__}: {e}")
+        self._offer(pv, tree)
 
     def run(self) -> None:
         deadline = time.monotonic() + self.cmd.time_window_msec / 1000
-        for pv in self.cmd.pvs:
-            ch = self.hub.add_tap(pv, self._tap)
-            if ch.last is not None:       # a running monitor already knows the current value
-                self._tap(ch, ch.last)
         try:
-            while time.monotonic() < deadline:
+            for pv in self.cmd.pvs:
+                ch = self.hub.add_tap(pv, self._tap)
+                last = ch.last
+                if last is not None:       # a running subscription already knows the current value
+                    self._offer(pv, last)
+            self.all_sent.wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                silent = [pv for pv in self.cmd.pvs if pv not in self.sent]
+            if silent and self.pool is None:
+                for pv in silent:
+                    self._read(pv)
+            elif silent:
+                # Gets run in parallel while monitors keep delivering: whichever answers first is taken.
+                # One deadline for all, so many unreachable PVs cost one connection timeout, not one each.
+                futures = [self.pool.submit(self._read, pv) for pv in silent]
+                self.all_sent.wait(self.read_timeout + 0.5)
+                for f in futures:
+                    f.cancel()
                 with self.lock:
-                    if len(self.sent) == len(self.cmd.pvs):
-                        break
-                time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+                    late = [pv for pv in silent if pv not in self.sent]
+                for pv in late:
+                    self._offer(pv, unreadable(f"PV '{pv.name}' sent no value within the "
+                                               f"{self.cmd.time_window_msec} ms window and could not be read "
+                                               f"within {self.read_timeout:g} s"))
         finally:
+            with self.lock:
+                self.closed = True
             for pv in self.cmd.pvs:
                 self.hub.remove_tap(pv, self._tap)
-        for pv in self.cmd.pvs:
-            with self.lock:
-                if pv in self.sent:
-                    continue
-                self.sent.add(pv)
-            try:
-                tree = self.read(pv)
-            except ProtocolError as e:
-                tree = unreadable(e.message)
-            self.publish(replies.value(self.cmd.reply_id, pv.name, tree), pv.name)
         self.publish(replies.snapshot_complete(self.cmd.reply_id), None)
 
 
 # ----------------------------------------------------------------------------- repeating
 
 @dataclass
-class _Pending:
-    kind: str                      # "trigger" or "stop"
-    done: threading.Event = field(default_factory=threading.Event)
+class Request:
+    """A trigger or stop waiting for the snapshot's thread; ``answer`` replies to its sender."""
+
+    kind: str                                   # "trigger" or "stop"
+    answer: Callable[[int | None, str | None], None] = lambda iteration, error: None
     tags: dict = field(default_factory=dict)
+    answered: bool = False
+
+    def finish(self, iteration: int | None, error: str | None = None) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        try:
+            self.answer(iteration, error)
+        except Exception:
+            log.exception("answering a snapshot %s failed", self.kind)
 
 
 class Repeating:
     """A named snapshot running iterations on its own thread until stopped."""
 
     def __init__(self, cmd: C.RepeatingSnapshot, hub: MonitorHub,
-                 publish: Callable[[str, str, dict, str | None], None]):
+                 publish: Callable[[str, str, dict, str | None], None],
+                 on_end: Callable[["Repeating"], None] = lambda snap: None, settle: float = SETTLE_S):
         self.cmd = cmd
         self.name = cmd.snapshot_name
         self.topic = snapshot_topic(cmd.snapshot_name)
         self.hub = hub
         self._publish = publish
-        self.iteration = 0
+        self._on_end = on_end
+        self.settle = settle
+        self.timed = cmd.kind is C.SnapshotKind.TIMED_BUFFERED
+        self.iteration = 0          # last iteration started
+        self.published = 0          # last iteration whose Tail went out without error
+        self.failures = 0
+        self.lock = threading.Lock()            # values fed by the hub
         self.latest: dict[PVUri, dict] = {}
-        self.buffer: list[tuple[str, dict]] = []
-        self.lock = threading.Lock()
-        self.requests: deque[_Pending] = deque()
-        self.wake = threading.Event()
+        self.history: dict[PVUri, deque] = {pv: deque(maxlen=HISTORY) for pv in cmd.pvs}
+        self.buffer: list[tuple[PVUri, dict]] = []
+        self.window_open = False
+        self.cv = threading.Condition()         # requests and closing
+        self.requests: deque[Request] = deque()
+        self.closing = False
         self.stopped = threading.Event()
-        self.last_duration = 0.0
-        self.thread = threading.Thread(target=self._loop, name=f"k2eg-snap-{self.name}", daemon=True)
+        self.channels: list[Channel] = []
+        self.thread = threading.Thread(target=self._loop, name=f"k2eg-snap-{self.name}"[:60], daemon=True)
 
-    # -- state fed by the hub
+    # -- fed by the hub (EPICS callback threads)
     def _tap(self, ch: Channel, tree: dict) -> None:
         with self.lock:
             self.latest[ch.pv] = tree
-            if self.cmd.kind is C.SnapshotKind.TIMED_BUFFERED and self._window_open:
-                self.buffer.append((ch.pv.name, tree))
+            self.history[ch.pv].append((stamp(tree), tree))
+            if self.window_open:
+                self.buffer.append((ch.pv, tree))
 
-    _window_open = False
-
-    def start(self) -> None:
+    def attach(self) -> None:
         for pv in self.cmd.pvs:
             ch = self.hub.add_tap(pv, self._tap)
-            if ch.last is not None:
+            self.channels.append(ch)
+            last = ch.last
+            if last is not None:
                 with self.lock:
-                    self.latest.setdefault(pv, ch.last)
+                    if pv not in self.latest:
+                        self.latest[pv] = last
+                        self.history[pv].append((stamp(last), last))
+
+    def wait_connected(self, timeout: float) -> list[PVUri]:
+        """Wait (one timeout for all) until every PV has a value; return those that have none."""
+        deadline = time.monotonic() + timeout
+        for ch in self.channels:
+            ch.first_value.wait(max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            for pv, ch in zip(self.cmd.pvs, self.channels):
+                last = ch.last
+                if pv not in self.latest and last is not None:   # its tap call may still be on its way
+                    self.latest[pv] = last
+                    self.history[pv].append((stamp(last), last))
+            return [pv for pv in self.cmd.pvs if pv not in self.latest]
+
+    def start(self) -> None:
         self.thread.start()
 
-    def request(self, kind: str, tags: dict | None = None, timeout: float | None = None) -> bool:
-        """Queue a trigger or a stop; wait until the iteration it asked for is published."""
-        p = _Pending(kind, tags=tags or {})
-        self.requests.append(p)
-        self.wake.set()
-        return p.done.wait(timeout)
+    # -- requests (command workers)
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            if self.stopped.is_set():
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"no running snapshot named '{self.name}'")
+            if len(self.requests) >= MAX_PENDING:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"snapshot '{self.name}' already has {MAX_PENDING} "
+                                                           "requests waiting")
+            self.requests.append(req)
+            self.cv.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return any(r.kind == "stop" for r in list(self.requests))
+
+    def close(self) -> None:
+        """Gateway shutdown: end the thread soon, without a final iteration."""
+        with self.cv:
+            self.closing = True
+            self.cv.notify_all()
+
+    def _interrupt(self) -> bool:
+        """Whether an open window must close now (a stop on a scheduled snapshot, or shutdown)."""
+        return self.closing or (not self.cmd.triggered and any(r.kind == "stop" for r in self.requests))
+
+    def _sleep_until(self, when: float) -> bool:
+        """Sleep until monotonic ``when``; False if interrupted first."""
+        with self.cv:
+            while not self._interrupt():
+                left = when - time.monotonic()
+                if left <= 0:
+                    return True
+                self.cv.wait(left)
+        return False
 
     # -- publishing
     def _emit(self, record: dict, value_key: str | None = None) -> None:
         self._publish(self.topic, self.name, record, value_key)
 
-    def _flush_buffer(self, ts: int) -> None:
+    def _emit_data(self, pv: PVUri, tree: Any, ts: int, iteration: int) -> None:
+        record = replies.snapshot_data(pv.name, filtered(tree, self.cmd.field_filter), ts, iteration)
+        try:
+            self._emit(record, pv.name)
+        except Exception as e:  # one value we cannot encode does not lose the iteration
+            log.exception("snapshot %s: cannot publish the value of %s", self.name, pv)
+            self._emit(replies.snapshot_data(pv.name, unreadable(f"cannot encode the value: {type(e).__name__}: {e}"),
+                                             ts, iteration), pv.name)
+
+    def _flush(self, ts: int, iteration: int) -> None:
         with self.lock:
             items, self.buffer = self.buffer, []
-        for name, tree in items:
-            self._emit(replies.snapshot_data(name, filtered(tree, self.cmd.field_filter), ts, self.iteration), name)
+        for pv, tree in items:
+            self._emit_data(pv, tree, ts, iteration)
 
-    def _iterate(self, tags: dict | None = None) -> None:
-        """One window: Header, Data (pushed as it comes or at the end), Tail."""
-        t0 = time.monotonic()
+    # -- one iteration
+    def _iterate(self, tags: dict | None, start: float) -> float:
+        """Header, the window, Data, Tail; returns the monotonic time the window closed."""
         self.iteration += 1
-        header = replies.snapshot_header(self.name, now_ms(), self.iteration)
+        it = self.iteration
+        header = replies.snapshot_header(self.name, now_ms() - int((time.monotonic() - start) * 1000), it)
         if tags:
-            header["tags"] = tags
-        timed = self.cmd.kind is C.SnapshotKind.TIMED_BUFFERED
-        with self.lock:
-            self.buffer = []
-            self._window_open = True
-        self._emit(header)
-        end = t0 + self.cmd.time_window_msec / 1000
-        push = self.cmd.sub_push_delay_msec / 1000
-        next_push = t0 + push if timed and push > 0 else None
-        while True:
-            now = time.monotonic()
-            if now >= end:
-                break
-            if next_push is not None and now >= next_push:
-                self._flush_buffer(now_ms())
-                next_push += push
-            wait_until = min(end, next_push) if next_push else end
-            if self.stopped.wait(max(0.0, wait_until - now)):
-                break
-        ts = now_ms()
-        if timed:
+            header["tags"] = dict(tags)
+        if self.timed:
             with self.lock:
-                self._window_open = False
-            self._flush_buffer(ts)
+                if not self.window_open:       # back-to-back windows keep the values since the last close
+                    self.buffer = []
+                    self.window_open = True
+        self._emit(header)
+        end = start + self.cmd.time_window_msec / 1000
+        push = self.cmd.sub_push_delay_msec / 1000 if self.timed else 0
+        while True:
+            until = end
+            if push > 0:
+                until = min(end, time.monotonic() + push)
+            if not self._sleep_until(until) or time.monotonic() >= end:
+                break
+            self._flush(now_ms(), it)
+        closed = time.monotonic()
+        instant = time.time()
+        if self.timed:
+            with self.lock:
+                items, self.buffer = self.buffer, []
+                # Back to back unless a pause follows, the snapshot waits for triggers, or it is ending.
+                self.window_open = (self.cmd.repeat_delay_msec == 0 and not self.cmd.triggered
+                                    and not self._interrupt())
+            ts = now_ms()
+            for pv, tree in items:
+                self._emit_data(pv, tree, ts, it)
         else:
-            with self.lock:  # one pass, no update interleaves: the "same instant"
-                values = [(pv.name, self.latest[pv]) for pv in self.cmd.pvs if pv in self.latest]
-            for name, tree in values:
-                self._emit(replies.snapshot_data(name, filtered(tree, self.cmd.field_filter), ts, self.iteration), name)
-        self._emit(replies.snapshot_tail(self.name, now_ms(), self.iteration))
-        self.last_duration = time.monotonic() - t0
+            with self.lock:
+                arrived = dict(self.latest)
+            if self.settle > 0 and not self.closing:
+                time.sleep(self.settle)      # values stamped before the instant may still be in flight
+            with self.lock:
+                history = {pv: list(h) for pv, h in self.history.items()}
+            used, values = coherent(history, arrived, instant)
+            ts = int(used * 1000)
+            for pv in self.cmd.pvs:
+                if pv in values:
+                    self._emit_data(pv, values[pv], ts, it)
+        self._emit(replies.snapshot_tail(self.name, now_ms(), it))
+        self.published = it
+        return closed
+
+    def _guarded(self, req: Request | None, start: float) -> float:
+        """Run one iteration; a failure is logged, published as an error Tail and answered, never fatal."""
+        try:
+            closed = self._iterate(req.tags if req else None, start)
+        except Exception as e:
+            self.failures += 1
+            log.exception("snapshot %s: iteration %d failed (%d in a row)", self.name, self.iteration, self.failures)
+            message = f"iteration {self.iteration} failed: {type(e).__name__}: {e}"
+            try:
+                self._emit(replies.snapshot_tail(self.name, now_ms(), self.iteration, int(ErrorCode.EPICS_FAILED),
+                                                 message=message))
+            except Exception:
+                log.exception("snapshot %s: cannot publish the error Tail", self.name)
+            with self.lock:
+                self.window_open = False
+                self.buffer = []
+            if req is not None:
+                req.finish(None, message)
+            if self.failures < MAX_FAILURES:
+                self._sleep_until(time.monotonic() + 1.0)
+            return time.monotonic()
+        self.failures = 0
+        if req is not None:
+            req.finish(self.iteration)
+        return closed
+
+    # -- the thread
+    def _next_request(self) -> Request | None:
+        with self.cv:
+            while not self.requests and not self.closing:
+                self.cv.wait()
+            if self.closing:
+                return None
+            if self.requests[0].kind == "stop":
+                return self.requests[0]          # left queued: _end answers every stop
+            return self.requests.popleft()
 
     def _loop(self) -> None:
         try:
-            while not self.stopped.is_set():
-                if self.cmd.triggered:
-                    self.wake.wait()
-                    self.wake.clear()
-                    while self.requests:
-                        p = self.requests.popleft()
-                        if p.kind == "stop":
-                            self._finish(p)
-                            return
-                        self._iterate(p.tags)
-                        p.done.set()
-                    continue
-                self._iterate()
-                if self.requests and self.requests[0].kind == "stop":
-                    self._finish(self.requests.popleft(), final_done=True)
-                    return
-                if self.cmd.repeat_delay_msec and self.wake.wait(self.cmd.repeat_delay_msec / 1000):
-                    self.wake.clear()
-        except Exception:
-            log.exception("snapshot %s stopped by an error", self.name)
+            if self.cmd.triggered:
+                while self.failures < MAX_FAILURES:
+                    req = self._next_request()
+                    if req is None or req.kind == "stop":
+                        return
+                    self._guarded(req, time.monotonic())
+            else:
+                start = time.monotonic()
+                while self.failures < MAX_FAILURES and self._sleep_until(start):
+                    closed = self._guarded(None, start)
+                    # The next window is timed from this one's close, not from the end of publishing.
+                    start = closed + self.cmd.repeat_delay_msec / 1000
+            if self.failures >= MAX_FAILURES:
+                log.error("snapshot %s stopped after %d failed iterations in a row", self.name, self.failures)
+        except BaseException:
+            log.exception("snapshot %s: thread failed", self.name)
         finally:
-            self._detach()
+            self._end()
 
-    def _finish(self, p: _Pending, final_done: bool = False) -> None:
-        if not final_done and not self.cmd.triggered:
-            self._iterate()
-        self._detach()
-        p.done.set()
-
-    def _detach(self) -> None:
-        if not self.stopped.is_set():
+    def _end(self) -> None:
+        with self.cv:
             self.stopped.set()
-            for pv in self.cmd.pvs:
-                self.hub.remove_tap(pv, self._tap)
-            while self.requests:
-                self.requests.popleft().done.set()
+            pending, self.requests = list(self.requests), deque()
+        for ch in self.channels:
+            self.hub.remove_tap(ch.pv, self._tap)
+        try:
+            self._on_end(self)
+        except Exception:
+            log.exception("snapshot %s: end callback failed", self.name)
+        why = ("the gateway is shutting down" if self.closing
+               else f"the snapshot gave up after {self.failures} failed iterations" if self.failures >= MAX_FAILURES
+               else "the snapshot was stopped first")
+        for req in pending:
+            if req.kind == "stop" and self.failures < MAX_FAILURES:
+                req.finish(self.published)
+            else:
+                req.finish(None, f"snapshot '{self.name}' ended before this {req.kind} was served: {why}")
 
 
 class SnapshotManager:
     """The gateway's snapshot commands."""
 
     def __init__(self, hub: MonitorHub, reply: Callable, publish_record: Callable, read: Callable[[PVUri], dict],
-                 ensure_topics: Callable[[list[str]], Any]):
+                 ensure_topics: Callable[[list[str]], Any], connect_timeout: float | None = None,
+                 max_repeating: int = 256, read_workers: int = 16, settle: float = SETTLE_S):
         self.hub = hub
         self.reply = reply                  # (cmd, record, key) -> None
         self.publish_record = publish_record  # (topic, key, record, ser, value_key) -> None
         self.read = read
         self.ensure_topics = ensure_topics
+        if connect_timeout is None:         # the gateway's --pv-connection-timeout, as its read() uses it
+            connect_timeout = getattr(getattr(read, "__self__", None), "timeout", None) or 5.0
+        self.connect_timeout = float(connect_timeout)
+        self.max_repeating = max_repeating
+        self.settle = settle
+        self.readers = ThreadPoolExecutor(read_workers, thread_name_prefix="k2eg-snap-read")
         self.running: dict[str, Repeating] = {}
         self.lock = threading.Lock()
         self.iterations = 0
 
+    # -- one-shot
     def one_shot(self, cmd: C.Snapshot) -> None:
         self.ensure_topics([cmd.reply_topic])
 
         def publish(record: dict, value_key: str | None) -> None:
             self.publish_record(cmd.reply_topic, replies.SNAPSHOT_KEY, record, cmd.serialization, value_key)
 
-        OneShot(cmd, self.hub, publish, self.read).run()
+        OneShot(cmd, self.hub, publish, self.read, self.readers, self.connect_timeout).run()
+
+    # -- repeating
+    def _reply(self, cmd: C.Command, record: dict) -> None:
+        self.reply(cmd, record, replies.REPEATING_REPLY_KEY)
+
+    def _ended(self, snap: Repeating) -> None:
+        with self.lock:
+            if self.running.get(snap.name) is snap:
+                del self.running[snap.name]
 
     def start(self, cmd: C.RepeatingSnapshot) -> None:
         topic = snapshot_topic(cmd.snapshot_name)
         with self.lock:
             existing = self.running.get(cmd.snapshot_name)
+        if existing is not None and existing.stopping and existing.thread.is_alive():
+            existing.thread.join(cmd.time_window_msec / 1000 + 5)   # a stop is closing it: start afresh
+        with self.lock:
+            existing = self.running.get(cmd.snapshot_name)
             if existing is not None and not existing.stopped.is_set():
-                self.reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} is already running",
-                                           publishing_topic=existing.topic), replies.REPEATING_REPLY_KEY)
+                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} is already running "
+                                                          f"(iteration {existing.iteration})",
+                                            publishing_topic=existing.topic))
                 return
-            self.ensure_topics([topic])
+            if len(self.running) >= self.max_repeating:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{len(self.running)} repeating snapshots are running, "
+                                                           f"the most this gateway allows; stop one first")
 
             def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
                 self.publish_record(t, key, record, cmd.serialization, value_key)
                 if record.get("message_type") == replies.TAIL:
                     self.iterations += 1
 
-            snap = Repeating(cmd, self.hub, publish)
+            snap = Repeating(cmd, self.hub, publish, self._ended, self.settle)
             self.running[cmd.snapshot_name] = snap
-            snap.start()
-        self.reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} started", publishing_topic=topic),
-                   replies.REPEATING_REPLY_KEY)
+        try:
+            self.ensure_topics([topic])
+            snap.attach()
+            missing = snap.wait_connected(self.connect_timeout)
+        except BaseException:
+            snap.close()
+            snap._end()
+            raise
+        snap.start()
+        message = f"snapshot {cmd.snapshot_name} started"
+        if missing:
+            names = ", ".join(pv.uri for pv in missing[:20]) + (", ..." if len(missing) > 20 else "")
+            message += (f"; {len(missing)} of {len(cmd.pvs)} PVs sent no value within {self.connect_timeout:g} s "
+                        f"and join when they connect: {names}")
+        self._reply(cmd, replies.ok(cmd.reply_id, message, publishing_topic=topic))
 
     def _find(self, name: str) -> Repeating:
         with self.lock:
@@ -282,28 +577,31 @@ class SnapshotManager:
         if not snap.cmd.triggered:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"snapshot '{cmd.snapshot_name}' is not a triggered snapshot: "
                                                        "it runs on its own schedule")
-        timeout = snap.cmd.time_window_msec / 1000 * (len(snap.requests) + 2) + 30
-        if not snap.request("trigger", cmd.tags, timeout):
-            raise ProtocolError(ErrorCode.TIMEOUT, f"snapshot '{cmd.snapshot_name}' did not complete the triggered "
-                                                   f"iteration within {timeout:g} s")
-        self.reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} iteration {snap.iteration} published"),
-                   replies.REPEATING_REPLY_KEY)
+
+        def answer(iteration: int | None, error: str | None) -> None:
+            if error is not None:
+                self._reply(cmd, replies.error(cmd.reply_id, ErrorCode.EPICS_FAILED, error))
+            else:
+                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} iteration {iteration} "
+                                                          "published", iter_index=iteration))
+
+        snap.submit(Request("trigger", answer, dict(cmd.tags)))
 
     def stop(self, cmd: C.SnapshotStop) -> None:
         snap = self._find(cmd.snapshot_name)
-        timeout = snap.cmd.time_window_msec / 1000 * 2 + snap.cmd.repeat_delay_msec / 1000 + 30
-        snap.request("stop", timeout=timeout)
-        snap.thread.join(timeout)
-        with self.lock:
-            if self.running.get(cmd.snapshot_name) is snap:
-                del self.running[cmd.snapshot_name]
-        self.reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} stopped after iteration "
-                                                 f"{snap.iteration}"), replies.REPEATING_REPLY_KEY)
+
+        def answer(iteration: int | None, error: str | None) -> None:
+            if error is not None:
+                self._reply(cmd, replies.error(cmd.reply_id, ErrorCode.EPICS_FAILED, error))
+            else:
+                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} stopped after iteration "
+                                                          f"{iteration}", iter_index=iteration))
+
+        snap.submit(Request("stop", answer))
 
     def close(self) -> None:
         with self.lock:
             snaps = list(self.running.values())
-            self.running.clear()
         for s in snaps:
-            s.stopped.set()
-            s.wake.set()
+            s.close()
+        self.readers.shutdown(wait=False, cancel_futures=True)
