@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from rich.table import Table
 from rich.text import Text
+from k2eg.protocol.codec import json_safe
 
 ARRAY_LIMIT = 10     # array items shown in a table cell before abbreviating
 STRING_LIMIT = 200   # characters of a string shown in a table cell
@@ -26,25 +27,7 @@ _SEVERITY_STYLE = {"NO_ALARM": "green", "MINOR": "yellow", "MAJOR": "bold red", 
 
 # ----------------------------------------------------------------------------- JSON
 
-def to_json_safe(obj: Any) -> Any:
-    """Strict-JSON form: numpy -> lists/scalars, NaN/Inf -> strings (as the C++ gateway writes them)."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, Mapping):
-        return {str(k): to_json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return [to_json_safe(v) for v in obj.tolist()]
-    if isinstance(obj, np.generic):
-        return to_json_safe(obj.item())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_json_safe(v) for v in obj]
-    if isinstance(obj, (bytes, bytearray)):
-        return bytes(obj).decode("utf-8", "replace")
-    return str(obj)
+to_json_safe = json_safe  # one converter for the wire and the terminal
 
 
 def to_json(obj: Any, indent: int | None = None) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import msgpack
 import numpy as np
@@ -28,25 +28,27 @@ def _np_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/Inf become strings (the C++ gateway's JSON), numpy becomes lists."""
+def json_safe(obj: Any) -> Any:
+    """Strict-JSON form of a value tree: NaN/Inf as strings (the C++ gateway's JSON), numpy as lists."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
     if isinstance(obj, float):
         if math.isfinite(obj):
             return obj
         return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind == "f" and not np.isfinite(obj).all():
-            return [_json_safe(v) for v in obj.tolist()]
+            return [json_safe(v) for v in obj.tolist()]
         return obj.tolist()
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    return obj
+        return json_safe(obj.item())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj).decode("utf-8", "replace")
+    return str(obj)
 
 
 def leaves(tree: Any) -> list:
@@ -76,7 +78,7 @@ def encode(record: dict, ser: Serialization = Serialization.MSGPACK, value_key: 
     if ser is Serialization.MSGPACK:
         return msgpack.packb(record, default=_np_default, use_bin_type=True)
     if ser is Serialization.JSON:
-        return json.dumps(_json_safe(record), allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(json_safe(record), allow_nan=False, separators=(",", ":")).encode()
     if value_key is None or value_key not in record:
         return msgpack.packb(record, default=_np_default, use_bin_type=True)
     if len(record) == 1:

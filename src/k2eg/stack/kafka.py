@@ -410,14 +410,7 @@ class KafkaBroker:
             _LIVE.discard(self)
         if proc is None:
             return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("Kafka (pid %d) did not stop within %.0fs: killing it", proc.pid, timeout)
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
+        terminate_group(proc, timeout, "Kafka")
         with contextlib.suppress(OSError), open(self.log_path, "ab") as out:
             out.write(f"---- k2eg: Kafka stopped at {time.ctime()} (exit code {proc.returncode})\n".encode())
         with contextlib.suppress(OSError):
@@ -475,6 +468,19 @@ def parent_death_prefix() -> list[str]:
     if setpriv and threading.current_thread() is threading.main_thread():
         return [setpriv, "--pdeathsig", "TERM", "--"]
     return []
+
+
+def terminate_group(proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """SIGTERM the child's process group, wait, then SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) did not stop within %.0fs: killing it", what, proc.pid, timeout)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .kafka import KafkaBroker, StackError, _alive, _signal_group, kill_stale_process, parent_death_prefix
+from .kafka import (KafkaBroker, StackError, _alive, _signal_group, kill_stale_process, parent_death_prefix,
+                    terminate_group)
 
 __all__ = ["Stack", "StackError", "CMD_TOPIC", "ENVIRONMENT", "GATEWAY_READY", "read_state", "write_state",
            "remove_state", "state_path", "runner_alive"]
@@ -267,14 +268,7 @@ class Stack:
         proc, self._gateway = self._gateway, None
         if proc is None:
             return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the gateway (pid %d) did not stop within %.0fs: killing it", proc.pid, timeout)
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
+        terminate_group(proc, timeout, "the gateway")
         if self._gateway_reader is not None:
             self._gateway_reader.join(5)
             self._gateway_reader = None
