@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any, Callable, Dict
 
 from k2eg.broker import SnapshotProperties, SnapshotType
 from k2eg.client.environment import load as load_environment
-from k2eg.client.errors import MonitorNotActive, OperationError, OperationTimeout
+from k2eg.client.errors import ClientClosed, MonitorNotActive, OperationError, OperationTimeout
 from k2eg.client.transport import ClientTransport
 from k2eg.client.values import put_value_map
 from k2eg.protocol import commands as C
@@ -29,7 +30,7 @@ class dml:  # noqa: N801 - the 0.3.0 name
     """K2EG client: ``dml(environment_id, app_name)``; use as a context manager or call ``close()``."""
 
     def __init__(self, environment_id: str, app_name: str, group_name: str | None = None,
-                 poll_timeout: float = 0.01, serialization: str = "msgpack"):
+                 poll_timeout: float = 0.01, serialization: str = "msgpack", startup_timeout: float = 10.0):
         if app_name is None:
             raise ValueError("The app name is mandatory")
         if not isinstance(app_name, str) or not app_name or not all(c.isalnum() or c in "._-" for c in app_name):
@@ -38,7 +39,9 @@ class dml:  # noqa: N801 - the 0.3.0 name
         self._serialization = C.Serialization.parse(serialization)
         self.environment = load_environment(environment_id)
         self.app_name = app_name
-        self._transport = ClientTransport(self.environment, app_name, group_name)
+        self._close_lock = threading.Lock()
+        # Bounded: an unreachable broker is a KafkaUnavailable naming it and the environment file.
+        self._transport = ClientTransport(self.environment, app_name, group_name, startup_timeout)
         self._monitors: dict[str, Callable[[str, dict], None]] = {}     # pv name -> handler
         self._recurring: dict[str, tuple[str, IterationAssembler]] = {}  # snapshot name -> (topic, assembler)
         self._lock = threading.Lock()
@@ -65,7 +68,7 @@ class dml:  # noqa: N801 - the 0.3.0 name
     @property
     def _t(self) -> ClientTransport:
         if self._transport is None:
-            raise RuntimeError("this k2eg client is closed")
+            raise ClientClosed("this k2eg client is closed")
         return self._transport
 
     def parse_pv_url(self, pv_url: str) -> tuple[str, str]:
@@ -125,9 +128,15 @@ class dml:  # noqa: N801 - the 0.3.0 name
         if not isinstance(rec, dict) or not rec:
             return
         name = next(iter(rec))
+        t = self._transport  # None once closing: drop the event quietly
+        if t is not None and name in self._monitors:
+            t.call_soon(self._deliver, name, rec[name])
+
+    def _deliver(self, name: str, value: Any) -> None:
+        # Looked up on the dispatcher thread, so no call starts after stop_monitor returns.
         handler = self._monitors.get(name)
         if handler is not None:
-            self._t.call_soon(handler, name, rec[name])
+            handler(name, value)
 
     def monitor(self, pv_url: str, handler: Callable[[str, dict], None], timeout: float | None = None):
         """Call ``handler(pv_name, value)`` for every update; returns the gateway's reply (None if already active)."""
@@ -165,7 +174,9 @@ class dml:  # noqa: N801 - the 0.3.0 name
             if name not in self._monitors:
                 raise MonitorNotActive(f"no active monitor for PV '{name}' (active: {', '.join(sorted(self._monitors)) or 'none'})")
             del self._monitors[name]
-        self._t.unsubscribe(pv_topic(name))
+            shared = any(pv_topic(other) == pv_topic(name) for other in self._monitors)  # e.g. a:b and a_b
+        if not shared:
+            self._t.unsubscribe(pv_topic(name))
 
     # ------------------------------------------------------------- snapshots
     def snapshot(self, pv_uri_list: list[str], handler: Callable[[str, dict], None],
@@ -195,6 +206,9 @@ class dml:  # noqa: N801 - the 0.3.0 name
         if not finished.wait(timeout):
             self._t.close_stream(rid)
             raise OperationTimeout(f"Timeout during snapshot operation for {pv_uri_list}")
+        error = result.get("error", 0)
+        if error:  # the gateway refused the whole command
+            raise OperationError(error, result.get("message") or f"snapshot refused with error {error}")
         result["error"] = 0
         return result
 
@@ -210,8 +224,12 @@ class dml:  # noqa: N801 - the 0.3.0 name
             triggered=properties.triggered, kind=C.SnapshotKind(SnapshotType(properties.type).value),
             field_filter=tuple(properties.pv_field_filter_list or ()))
         topic = snapshot_topic(name)
-        assembler = IterationAssembler(name, [pv.name for pv in pvs],
-                                       lambda data: self._t.call_soon(handler, name, data))
+        def deliver(data: dict) -> None:
+            t = self._transport  # None once closing: drop the iteration quietly
+            if t is not None:
+                t.call_soon(handler, name, data)
+
+        assembler = IterationAssembler(name, [pv.name for pv in pvs], deliver)
         with self._lock:
             self._recurring[name] = (topic, assembler)
         # Read the stream before the first iteration can be published.
@@ -249,7 +267,16 @@ class dml:  # noqa: N801 - the 0.3.0 name
         self._validate_snapshot_name(snapshot_name)
         cmd = C.SnapshotStop(**self._envelope(), snapshot_name=snapshot_name)
         try:
-            return self._call(cmd, timeout, f"stopping the snapshot {snapshot_name}")
+            rec = self._call(cmd, timeout, f"stopping the snapshot {snapshot_name}")
+            # The reply names the final iteration: keep reading until its handler call is queued.
+            final = rec.get("iter_index")
+            with self._lock:
+                entry = self._recurring.get(snapshot_name)
+            if entry is not None and isinstance(final, int) and final > 0:
+                deadline = time.monotonic() + (5.0 if timeout is None else timeout)
+                while (entry[1].last_iteration or 0) < final and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return rec
         finally:
             self._forget_recurring(snapshot_name)
 
@@ -261,7 +288,12 @@ class dml:  # noqa: N801 - the 0.3.0 name
 
     # ------------------------------------------------------------- close
     def close(self) -> None:
-        t, self._transport = self._transport, None
+        """Idempotent, thread-safe, and allowed inside a handler; waiting calls get ClientClosed."""
+        lock = getattr(self, "_close_lock", None)
+        if lock is None:  # the constructor failed before the transport existed
+            return
+        with lock:
+            t, self._transport = self._transport, None
         if t is not None:
             t.close()
 

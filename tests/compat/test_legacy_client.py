@@ -37,10 +37,10 @@ def test_legacy_put_scalar_vector_table_generic_string(legacy):
 
 
 def test_legacy_monitor_and_monitor_many(legacy):
-    for uri in ("pva://channel:counter", "ca://channel:ramp:ramp"):
+    for uri in ("pva://pva:counter", "ca://bulk:197"):
         m = legacy[f"monitor {uri}"]
         assert m["names"] == [uri.split("://", 1)[1]] and m["n"]
-    assert legacy["monitor_many"] == ["channel:ramp:ramp", "pva:counter"]
+    assert legacy["monitor_many"] == ["bulk:197", "pva:counter"]
 
 
 def test_legacy_errors(legacy):

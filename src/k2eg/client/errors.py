@@ -19,3 +19,11 @@ class MonitorNotActive(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "monitor not active"
+
+
+class KafkaUnavailable(ConnectionError):
+    """Kafka could not be reached or refused what the client needs; the message names broker and file."""
+
+
+class ClientClosed(RuntimeError):
+    """The client was closed (perhaps from another thread) while an operation waited."""

@@ -8,25 +8,31 @@ Two consumers, for two different needs:
   how the gateway sees that somebody still reads a monitor (PROTOCOL 6).
 User handlers run on one dispatcher thread, in arrival order, so a slow
 handler delays neither replies nor the consumers.
+
+confluent-kafka consumers are not safe to drive from two threads: each
+consumer is only touched by the thread that polls it (subscription changes
+are queued to the event thread), and closed only once that thread is gone.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from k2eg.protocol import commands as C
 from k2eg.protocol.codec import HEADER, decode
 from k2eg.transport import TopicAdmin
 
-from .environment import Environment
+from .environment import Environment, EnvironmentConfigError
+from .errors import ClientClosed, KafkaUnavailable, OperationError
 
 log = logging.getLogger("k2eg.client")
 
@@ -34,56 +40,95 @@ RecordSink = Callable[[dict], None]           # a reply-topic record for one rep
 TopicSink = Callable[[str, Any], None]        # (topic, decoded record) from a subscribed topic
 
 
+class KafkaLog:
+    """librdkafka's log lines, on Python logging (confluent-kafka's ``logger`` option) instead of stderr.
+
+    A broker that is down makes librdkafka repeat the same line many times a
+    second; repeats within ``quiet_for`` seconds go to DEBUG. While ``startup``
+    is set everything goes to DEBUG: a failed start-up raises one clear
+    exception instead.
+    """
+
+    def __init__(self, logger: logging.Logger, quiet_for: float = 60.0):
+        self.logger = logger
+        self.quiet_for = quiet_for
+        self.startup = True
+        self.last_problem = ""  # newest warning or error, for start-up exceptions
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        try:
+            text = fmt % args
+        except Exception:
+            text = f"{fmt} {args}"
+        if level >= logging.WARNING:
+            self.last_problem = text
+        if self.startup:
+            level = min(level, logging.DEBUG)
+        elif level > logging.DEBUG:
+            key = re.sub(r"\d+", "#", text)
+            now = time.monotonic()
+            with self._lock:
+                if len(self._last) > 1000:
+                    self._last.clear()
+                if now - self._last.get(key, -self.quiet_for) < self.quiet_for:
+                    level = logging.DEBUG
+                else:
+                    self._last[key] = now
+        self.logger.log(level, "%s", text)
+
+
 @dataclass
 class Pending:
-    """One command awaiting its reply."""
+    """One command awaiting its reply (or the reason it never gets one)."""
 
     done: threading.Event = field(default_factory=threading.Event)
     record: dict | None = None
+    error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
 
 
 class ClientTransport:
     def __init__(self, env: Environment, app_name: str, group_name: str | None = None,
-                 startup_timeout: float = 30.0):
+                 startup_timeout: float = 10.0):
         self.env = env
         self.reply_topic = f"{app_name}-reply"
-        common = {"bootstrap.servers": env.kafka_broker_url, **env.kafka}
-        self.producer = Producer({**common, "linger.ms": 0, "socket.nagle.disable": True})
-        self.admin = TopicAdmin(common)
+        self.kafka_log = KafkaLog(logging.getLogger("k2eg.client.kafka"))
         self._pending: dict[str, Pending] = {}
         self._streams: dict[str, RecordSink] = {}     # reply_id -> sink (one-shot snapshots)
         self._topics: dict[str, TopicSink] = {}       # subscribed topic -> sink
+        self._positions: dict[tuple[str, int], int] = {}  # next offset per event partition (event thread only)
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._running = True
         self._changes: queue.SimpleQueue = queue.SimpleQueue()
         self._assigned: set[str] = set()
         self._assign_cond = threading.Condition()
         self.handlers: queue.SimpleQueue = queue.SimpleQueue()
-        unique = f"{app_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.group_id = group_name or unique
-
-        # The reply topic must exist and be assigned before the first command leaves.
-        self.admin.ensure([self.reply_topic], timeout=startup_timeout)
-        self._replies = Consumer({**common, "group.id": unique, "enable.auto.commit": False,
-                                  "fetch.wait.max.ms": 5, "fetch.min.bytes": 1, "fetch.queue.backoff.ms": 1})
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            md = self._replies.list_topics(self.reply_topic, timeout=max(0.1, deadline - time.monotonic()))
-            parts = md.topics[self.reply_topic].partitions
-            if parts or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        if not parts:
-            raise TimeoutError(f"reply topic {self.reply_topic} has no partitions after {startup_timeout:g} s")
-        tps = []
-        for p in parts:
-            _, high = self._replies.get_watermark_offsets(TopicPartition(self.reply_topic, p), timeout=startup_timeout)
-            tps.append(TopicPartition(self.reply_topic, p, high))
-        self._replies.assign(tps)
-        self._events = Consumer({**common, "group.id": self.group_id, "enable.auto.commit": True,
-                                 "auto.offset.reset": "latest", "fetch.wait.max.ms": 10,
-                                 "session.timeout.ms": 10_000, "heartbeat.interval.ms": 1000,
-                                 "topic.metadata.refresh.interval.ms": 5000})
+        self._shared_group = group_name is not None
+        self._unique = f"{app_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.group_id = group_name or self._unique
+        self._replies: Consumer | None = None
+        self._events: Consumer | None = None
+        self._threads: list[threading.Thread] = []
+        try:
+            self.producer = Producer(self._config({"linger.ms": 0, "socket.nagle.disable": True}))
+            self.admin = TopicAdmin(self._config())
+        except KafkaException as e:
+            raise EnvironmentConfigError(
+                f"{env.path}: librdkafka refused the Kafka settings: {e.args[0].str()} "
+                "(check the kafka.<setting> keys)") from None
+        try:
+            self._start(startup_timeout)
+        except BaseException:
+            self._abandon()
+            raise
+        self.kafka_log.startup = False
         self._threads = [
             threading.Thread(target=self._reply_loop, name="k2eg-replies", daemon=True),
             threading.Thread(target=self._event_loop, name="k2eg-events", daemon=True),
@@ -92,9 +137,119 @@ class ClientTransport:
         for t in self._threads:
             t.start()
 
+    # ------------------------------------------------------------- start-up
+    def _config(self, defaults: dict | None = None, **fixed: Any) -> dict:
+        """librdkafka settings: our defaults, then the environment's ``kafka.*`` keys, then what must hold."""
+        return {"bootstrap.servers": self.env.kafka_broker_url, **(defaults or {}), **self.env.kafka,
+                **{k.replace("_", "."): v for k, v in fixed.items()}, "logger": self.kafka_log}
+
+    def _unavailable(self, what: str, error: object) -> KafkaUnavailable:
+        detail = error.args[0].str() if isinstance(error, KafkaException) and error.args else (str(error) or
+                                                                                              type(error).__name__)
+        if self.kafka_log.last_problem:
+            detail += f" (librdkafka: {self.kafka_log.last_problem.split(']: ', 1)[-1]})"
+        return KafkaUnavailable(
+            f"{what}: {detail}; check kafka_broker_url in {self.env.path} "
+            f"(environment '{self.env.name}')")
+
+    def _start(self, timeout: float) -> None:
+        """The broker answers, the reply topic exists and is assigned, all before the first command."""
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        while True:  # short tries, serving librdkafka's log queue in between
+            try:
+                # all topics: naming one would let the broker auto-create it with its defaults
+                md = self.admin.client.list_topics(timeout=min(0.5, left()))
+                break
+            except KafkaException as e:
+                self.admin.client.poll(0)
+                self.producer.poll(0)
+                if time.monotonic() >= deadline:
+                    raise self._unavailable(
+                        f"cannot reach Kafka at {self.env.kafka_broker_url} within {timeout:g} s", e) from None
+        meta = md.topics.get(self.reply_topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            try:
+                self.admin.ensure([self.reply_topic], timeout=left())
+            except Exception as e:
+                raise self._unavailable(
+                    f"cannot create the reply topic '{self.reply_topic}' on {self.env.kafka_broker_url}", e) from None
+        self._replies = Consumer(self._config(  # never joins its group: assign only
+            {"fetch.wait.max.ms": 5, "fetch.min.bytes": 1, "fetch.queue.backoff.ms": 1},
+            group_id=self._unique, enable_auto_commit=False))
+        parts: list[int] = []
+        while True:
+            try:
+                md = self._replies.list_topics(self.reply_topic, timeout=left())
+                parts = sorted(md.topics[self.reply_topic].partitions)
+            except KafkaException:
+                parts = []
+            if parts or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if not parts:
+            raise self._unavailable(f"the reply topic '{self.reply_topic}' on {self.env.kafka_broker_url} "
+                                    f"has no partitions after {timeout:g} s",
+                                    "topic metadata incomplete")
+        tps = []
+        for p in parts:
+            try:
+                _, high = self._replies.get_watermark_offsets(TopicPartition(self.reply_topic, p), timeout=left())
+            except KafkaException as e:
+                raise self._unavailable(
+                    f"cannot read the end of '{self.reply_topic}' on {self.env.kafka_broker_url}", e) from None
+            tps.append(TopicPartition(self.reply_topic, p, high))
+        self._replies.assign(tps)
+        self._events = Consumer(self._config(
+            {"auto.offset.reset": "latest", "fetch.wait.max.ms": 10, "session.timeout.ms": 10_000,
+             "heartbeat.interval.ms": 1000, "topic.metadata.refresh.interval.ms": 5000},
+            group_id=self.group_id,
+            enable_auto_commit=self._shared_group))  # a private group has nobody to hand offsets to
+
+    def _abandon(self) -> None:
+        """Release what a failed start-up created, so no librdkafka thread keeps retrying."""
+        self._running = False
+        for c in (self._replies, self._events):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+        self._replies = self._events = None
+        self.producer = None  # type: ignore[assignment]
+        self.admin = None  # type: ignore[assignment]
+
     # ------------------------------------------------------------- commands
-    def send(self, cmd: C.Command) -> None:
-        self.producer.produce(self.env.cmd_topic, C.to_json(cmd))
+    def send(self, cmd: C.Command, on_error: Callable[[KafkaError], None] | None = None) -> None:
+        def delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                log.warning("command %s not delivered to topic %s: %s", cmd.reply_id, self.env.cmd_topic, err.str())
+                if on_error is not None:
+                    on_error(err)
+
+        if not self._running:
+            raise ClientClosed("this k2eg client is closed")
+        data = C.to_json(cmd)
+        for _ in range(50):
+            try:
+                self.producer.produce(self.env.cmd_topic, data, on_delivery=delivered)
+                break
+            except BufferError:  # the local queue is full: let it drain a little
+                self.producer.poll(0.1)
+            except KafkaException as e:
+                err = e.args[0]
+                if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise OperationError(-1, (
+                        f"the {cmd.name} command is {len(data)} bytes, more than Kafka accepts; raise "
+                        f"message.max.bytes (kafka.message.max.bytes in {self.env.path}) and the limits of "
+                        f"the broker and topic '{self.env.cmd_topic}'")) from None
+                raise KafkaUnavailable(f"cannot send the {cmd.name} command to topic '{self.env.cmd_topic}' at "
+                                       f"{self.env.kafka_broker_url}: {err.str()}") from None
+        else:
+            raise KafkaUnavailable(f"the producer queue to {self.env.kafka_broker_url} stays full; is Kafka down?")
         self.producer.poll(0)
 
     def request(self, cmd: C.Command, timeout: float | None) -> dict | None:
@@ -103,9 +258,13 @@ class ClientTransport:
         with self._lock:
             self._pending[cmd.reply_id] = p
         try:
-            self.send(cmd)
+            self.send(cmd, lambda err: p.fail(KafkaUnavailable(
+                f"command not delivered to topic '{self.env.cmd_topic}' at {self.env.kafka_broker_url}: "
+                f"{err.str()}")))
             if not p.done.wait(timeout):
                 return None
+            if p.error is not None:
+                raise p.error
             return p.record
         finally:
             with self._lock:
@@ -145,90 +304,159 @@ class ClientTransport:
                 break
         try:
             return decode(msg.value(), header)
-        except ValueError as e:
+        except ValueError as e:  # includes a header that is not UTF-8
             log.warning("skipping record at %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), e)
             return None
+
+    @staticmethod
+    def _take(consumer: Consumer, timeout: float, batch: int = 500) -> list:
+        """Wait for one record, then take what else is already there.
+
+        ``consume(n, timeout)`` waits the whole timeout unless ``n`` records
+        arrive, which put up to ``timeout`` on every reply's latency.
+        """
+        first = consumer.poll(timeout)
+        if first is None:
+            return []
+        return [first, *consumer.consume(batch, 0)]
 
     def _reply_loop(self) -> None:
         while self._running:
             try:
-                msgs = self._replies.consume(500, 0.1)
+                self.producer.poll(0)        # delivery reports and librdkafka logs
+                self.admin.client.poll(0)
+                msgs = self._take(self._replies, 0.1)
             except Exception as e:
                 log.warning("reply consumer: %s", e)
+                time.sleep(0.1)
                 continue
             for m in msgs:
-                if m.error() is not None:
-                    continue
-                rec = self._decode(m)
-                if not isinstance(rec, dict):
-                    continue
-                rid = rec.get("reply_id")
-                with self._lock:
-                    p = self._pending.get(rid)
-                    sink = None if p is not None else self._streams.get(rid)
-                if p is not None:
-                    p.record = rec
-                    p.done.set()
-                elif sink is not None:
-                    try:
-                        sink(rec)
-                    except Exception:
-                        log.exception("snapshot record handling failed")
+                try:
+                    self._on_reply(m)
+                except Exception:  # one bad record must never stop the replies of everybody else
+                    log.exception("skipping reply record at %s[%s]@%s", m.topic(), m.partition(), m.offset())
+
+    def _on_reply(self, m) -> None:
+        if m.error() is not None:
+            if m.error().code() != KafkaError._PARTITION_EOF:
+                log.debug("reply consumer: %s", m.error())
+            return
+        rec = self._decode(m)
+        if not isinstance(rec, dict):
+            if rec is not None:
+                log.warning("skipping reply record at %s[%d]@%d: not a map", m.topic(), m.partition(), m.offset())
+            return
+        rid = rec.get("reply_id")
+        if not isinstance(rid, str):
+            log.debug("reply record without a string reply_id at %s[%d]@%d", m.topic(), m.partition(), m.offset())
+            return
+        with self._lock:
+            p = self._pending.get(rid)
+            sink = None if p is not None else self._streams.get(rid)
+        if p is not None:
+            if not p.done.is_set():
+                p.record = rec
+                p.done.set()
+        elif sink is not None:
+            try:
+                sink(rec)
+            except Exception:
+                log.exception("snapshot record handling failed")
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Start one record before the end: the newest value (a monitor's current
-        # value, re-published by the gateway) is delivered at once.
-        for p in partitions:
+        """Resume where this client stopped; a partition new to it starts one record before the end.
+
+        A rebalance (every monitor added or removed) revokes and re-assigns all
+        partitions; resuming at our own position neither repeats nor skips events.
+        A new topic starts at its newest record (a monitor's current value,
+        re-published by the gateway), so a value is delivered at once.
+        """
+        committed: dict[tuple[str, int], int] = {}
+        fresh = [p for p in partitions if (p.topic, p.partition) not in self._positions]
+        if self._shared_group and fresh:
             try:
-                low, high = consumer.get_watermark_offsets(p, timeout=5)
-                p.offset = max(low, high - 1) if high > 0 else OFFSET_END
-            except Exception:
-                p.offset = OFFSET_END
+                for c in consumer.committed([TopicPartition(p.topic, p.partition) for p in fresh], timeout=5):
+                    if c.offset >= 0:
+                        committed[(c.topic, c.partition)] = c.offset
+            except Exception as e:
+                log.debug("committed offsets: %s", e)
+        for p in partitions:
+            key = (p.topic, p.partition)
+            if key in self._positions:
+                p.offset = self._positions[key]
+            elif key in committed:
+                p.offset = committed[key]
+            else:
+                try:
+                    low, high = consumer.get_watermark_offsets(p, timeout=5)
+                    p.offset = max(low, high - 1) if high > 0 else OFFSET_END
+                except Exception:
+                    p.offset = OFFSET_END
         consumer.assign(partitions)
         with self._assign_cond:
             self._assigned.update(p.topic for p in partitions)
             self._assign_cond.notify_all()
 
+    def _apply_changes(self, current: list[str]) -> list[str]:
+        while not self._changes.empty():
+            self._changes.get_nowait()
+        with self._lock:
+            wanted = sorted(self._topics)
+        if wanted == current:
+            return current
+        gone = set(current) - set(wanted)
+        for key in [k for k in self._positions if k[0] in gone]:
+            del self._positions[key]  # a later monitor of that PV starts from its newest value again
+        try:
+            if wanted:
+                self._events.subscribe(wanted, on_assign=self._on_assign)
+            else:
+                self._events.unsubscribe()
+        except Exception as e:
+            log.warning("event consumer subscription %s: %s; retrying", wanted, e)
+            self._changes.put(None)
+            time.sleep(0.1)
+            return current
+        return wanted
+
     def _event_loop(self) -> None:
         current: list[str] = []
         while self._running:
             if not self._changes.empty():
-                while not self._changes.empty():
-                    self._changes.get_nowait()
-                with self._lock:
-                    wanted = sorted(self._topics)
-                if wanted != current:
-                    current = wanted
-                    if wanted:
-                        self._events.subscribe(wanted, on_assign=self._on_assign)
-                    else:
-                        self._events.unsubscribe()
+                current = self._apply_changes(current)
             if not current:
                 time.sleep(0.02)
                 continue
             try:
-                msgs = self._events.consume(1000, 0.05)
+                msgs = self._take(self._events, 0.05)
             except Exception as e:
                 log.warning("event consumer: %s", e)
+                time.sleep(0.05)
                 continue
-            topics = self._topics
             for m in msgs:
-                if m.error() is not None:
-                    if m.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
-                        log.debug("event consumer: %s", m.error())
-                    continue
-                sink = topics.get(m.topic())
-                if sink is None:
-                    continue
-                rec = self._decode(m)
-                if rec is not None:
-                    sink(m.topic(), rec)
+                try:
+                    self._on_event(m)
+                except Exception:  # a bad record or a failing sink must not stop the monitors
+                    log.exception("skipping event record at %s[%s]@%s", m.topic(), m.partition(), m.offset())
+
+    def _on_event(self, m) -> None:
+        if m.error() is not None:
+            if m.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                log.debug("event consumer: %s", m.error())
+            return
+        self._positions[(m.topic(), m.partition())] = m.offset() + 1
+        sink = self._topics.get(m.topic())
+        if sink is None:
+            return
+        rec = self._decode(m)
+        if rec is not None:
+            sink(m.topic(), rec)
 
     def _dispatch_loop(self) -> None:
         get = self.handlers.get
         while True:
             item = get()
-            if item is None:
+            if item is None or not self._running:
                 return
             fn, args = item
             try:
@@ -242,16 +470,46 @@ class ClientTransport:
 
     # ------------------------------------------------------------- close
     def close(self, timeout: float = 5.0) -> None:
-        if not self._running:
-            return
-        self._running = False
+        """Stop the threads, wake every waiting request, release Kafka; safe from a handler, idempotent.
+
+        Bounded even when the broker hangs: undelivered commands have nobody
+        waiting for them any more, and a consumer that cannot leave its group
+        in time is left to finish in the background.
+        """
+        with self._close_lock:
+            if not self._running:
+                return
+            self._running = False
+        with self._lock:
+            pending = list(self._pending.values())
+        for p in pending:
+            p.fail(ClientClosed("the k2eg client was closed while waiting for a reply"))
         self.handlers.put(None)
+        me = threading.current_thread()
         for t in self._threads:
-            if t is not threading.current_thread():
+            if t is not me:
                 t.join(timeout)
-        for c in (self._replies, self._events):
-            try:
-                c.close()
-            except Exception as e:
-                log.debug("closing consumer: %s", e)
-        self.producer.flush(timeout)
+        consumers = []
+        for t, c in ((self._threads[0], self._replies), (self._threads[1], self._events)):
+            if t.is_alive():  # never close a consumer under the thread still polling it
+                log.warning("%s did not stop within %g s; leaving its consumer open", t.name, timeout)
+            else:
+                consumers.append(c)
+
+        def close_consumers() -> None:
+            for c in consumers:
+                try:
+                    c.close()
+                except Exception as e:
+                    log.debug("closing consumer: %s", e)
+
+        closer = threading.Thread(target=close_consumers, name="k2eg-close", daemon=True)
+        closer.start()
+        try:
+            self.producer.flush(min(timeout, 1.0))
+        except Exception as e:
+            log.debug("flushing producer: %s", e)
+        closer.join(min(timeout, 2.0))
+        if closer.is_alive():
+            log.warning("Kafka at %s does not answer; the consumers finish closing in the background",
+                        self.env.kafka_broker_url)

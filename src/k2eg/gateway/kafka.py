@@ -118,10 +118,13 @@ class KafkaIO:
         self.consumer.subscribe([self.cmd_topic], on_assign=self._on_assign)
         try:
             while self._running and self._running_consumer:
-                msgs = self.consumer.consume(batch, 0.2)
-                if not msgs:
+                # Wait for one record, then take what is already there: consume(n, t)
+                # alone would hold every command for up to t unless n had arrived.
+                first = self.consumer.poll(0.2)
+                if first is None:
                     yield None
                     continue
+                msgs = [first, *self.consumer.consume(batch - 1, 0)]
                 for m in msgs:
                     err = m.error()
                     if err is not None:

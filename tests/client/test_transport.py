@@ -1,0 +1,67 @@
+"""Client start-up without a broker, and librdkafka's logging (no stack needed)."""
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+from k2eg.client.errors import KafkaUnavailable
+from k2eg.client.transport import KafkaLog
+from k2eg.dml import dml
+
+
+@pytest.fixture
+def down_env(tmp_path, monkeypatch):
+    """An environment whose broker address refuses connections."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nobody listens there
+    path = tmp_path / "down.ini"
+    path.write_text(f"[DEFAULT]\nkafka_broker_url=127.0.0.1:{port}\nk2eg_cmd_topic=k2eg-cmd\n")
+    monkeypatch.setenv("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", str(tmp_path))
+    return path, f"127.0.0.1:{port}"
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_kafka_is_one_clear_error(down_env, capfd, caplog):
+    """Not a bare TimeoutError after a screen of librdkafka lines: one exception naming broker and file."""
+    path, address = down_env
+    caplog.set_level(logging.DEBUG, logger="k2eg.client.kafka")
+    with pytest.raises(KafkaUnavailable) as e:
+        dml("down", "nobody-home", startup_timeout=1.5)
+    msg = str(e.value)
+    assert address in msg and str(path) in msg and "'down'" in msg
+    assert isinstance(e.value, ConnectionError)
+    err = capfd.readouterr().err
+    assert "rdkafka" not in err and "Connect to" not in err  # librdkafka wrote nothing to stderr
+    kafka_lines = [r for r in caplog.records if r.name == "k2eg.client.kafka"]
+    assert kafka_lines and all(r.levelno == logging.DEBUG for r in kafka_lines)  # routed, and quiet at start-up
+
+
+def test_kafka_log_demotes_repeats(caplog):
+    """A broker that is down makes librdkafka repeat itself; the first line is kept, repeats go to DEBUG."""
+    log = KafkaLog(logging.getLogger("k2eg.test.kafka"))
+    log.startup = False
+    caplog.set_level(logging.DEBUG, logger="k2eg.test.kafka")
+    for ms in (0, 2, 5):
+        log.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1",
+                f"Connect to ipv4#127.0.0.1:1 failed (after {ms}ms in state CONNECT)")
+    log.log(logging.WARNING, "%s", "something else")
+    levels = [(r.levelno, r.getMessage()[:4]) for r in caplog.records]
+    assert levels == [(logging.ERROR, "FAIL"), (logging.DEBUG, "FAIL"), (logging.DEBUG, "FAIL"),
+                      (logging.WARNING, "some")]
+
+
+def test_environment_settings_win_over_client_defaults(tmp_path):
+    """``kafka.session.timeout.ms`` in the .ini beats our default; the group and the logger stay ours."""
+    from k2eg.client.environment import Environment
+    from k2eg.client.transport import ClientTransport
+
+    t = ClientTransport.__new__(ClientTransport)  # no broker needed to build a configuration
+    t.env = Environment("x", tmp_path / "x.ini", "b:9092", "cmd",
+                        {"session.timeout.ms": "30000", "group.id": "theirs", "linger.ms": "5"})
+    t.kafka_log = KafkaLog(logging.getLogger("k2eg.test.kafka"))
+    cfg = t._config({"session.timeout.ms": 10_000, "fetch.wait.max.ms": 10}, group_id="ours")
+    assert cfg["session.timeout.ms"] == "30000" and cfg["fetch.wait.max.ms"] == 10
+    assert cfg["group.id"] == "ours" and cfg["logger"] is t.kafka_log and cfg["bootstrap.servers"] == "b:9092"
