@@ -165,7 +165,7 @@ try:
                                      type=SnapshotType.TIMED_BUFFERED, pv_field_filter_list=["value"])
             s = iterations_summary(calls, nm, snapshot_topic(nm), names)
             counters = [v for _, d in calls for v in d["channel:counter"]]
-            s.update(n=len(calls) >= 2, several_per_window=all(len(d["channel:counter"]) >= 2 for _, d in calls),
+            s.update(n=len(calls) >= 2, several_per_window=any(len(d["channel:counter"]) >= 2 for _, d in calls),
                      filtered=sorted({key for v in counters for key in v}))
             out["snap_recurring_timed"] = s
         elif step == "snap_triggered":
