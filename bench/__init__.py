@@ -1,0 +1,1 @@
+"""k2eg benchmark suite (issue 6); run ``python -m bench --help``."""
