@@ -43,3 +43,17 @@ def run_scenario(python: str, stack, app: str, steps: str, timeout: float = 240)
                           capture_output=True, text=True, timeout=timeout, cwd="/")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scenario_pair(steps: str, name: str):
+    """Module fixtures ``legacy`` and ``ours``: the same steps through 0.3.0, then through our client."""
+
+    @pytest.fixture(scope="module")
+    def legacy(legacy_python, stack):
+        return run_scenario(legacy_python, stack, f"legacy-{name}", steps)
+
+    @pytest.fixture(scope="module")
+    def ours(stack, legacy):  # after the legacy run: both see the same IOC state
+        return run_scenario(sys.executable, stack, f"ours-{name}", steps)
+
+    return legacy, ours

@@ -1,23 +1,15 @@
 """The published k2eg==0.3.0 client, unchanged, against our gateway (issue: wire compatibility)."""
-import sys
 
 import pytest
 
-from .conftest import run_scenario
+from .conftest import scenario_pair
 
 pytestmark = pytest.mark.e2e
 
 STEPS = "get,put,monitor,monitor_many,errors,snapshot"
 
 
-@pytest.fixture(scope="module")
-def legacy(legacy_python, stack):
-    return run_scenario(legacy_python, stack, "legacy-030", STEPS)
-
-
-@pytest.fixture(scope="module")
-def ours(stack, legacy):  # after the legacy run: both see the same IOC state
-    return run_scenario(sys.executable, stack, "ours-compat", STEPS)
+legacy, ours = scenario_pair(STEPS, "030")
 
 
 def test_legacy_get_both_protocols(legacy):

@@ -5,25 +5,17 @@ may miss the first iterations: assertions look at what it received once it
 had joined (consecutive iterations, one call per trigger), never at ``1``.
 Its handlers run on a thread pool, so order is not compared either.
 """
-import sys
 
 import pytest
 
-from .conftest import run_scenario
+from .conftest import scenario_pair
 
 pytestmark = pytest.mark.e2e
 
 STEPS = "snap_one_shot,snap_recurring_normal,snap_recurring_timed,snap_triggered"
 
 
-@pytest.fixture(scope="module")
-def legacy(legacy_python, stack):
-    return run_scenario(legacy_python, stack, "legacy-snap", STEPS)
-
-
-@pytest.fixture(scope="module")
-def ours(stack, legacy):
-    return run_scenario(sys.executable, stack, "ours-snap", STEPS)
+legacy, ours = scenario_pair(STEPS, "snap")
 
 
 ITERATION_KEYS = ["header_timestamp", "iteration", "tail_timestamp", "timestamp"]

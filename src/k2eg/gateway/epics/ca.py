@@ -650,17 +650,22 @@ class CAProvider:
     def get(self, name: str, timeout: float) -> ValueTree:
         ch, deadline = self._wait_ready(name, timeout)
         req = _Request(ch, "time")
-        with self._attached():
-            ret = self._lib.array_get_callback(ch.time_type(), 0, ch.chid, _GET_CB, req)
-            if ret != dbr.ECA_NORMAL:
-                self._inflight.discard(req)
-                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': get failed: {_message(ret)}")
-            self._lib.flush_io()
-        if not req.done.wait(max(0.0, deadline - time.monotonic())):
-            raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': get did not complete within {timeout:g} s")
+        self._issue(name, "get", req, deadline, timeout,
+                    lambda: self._lib.array_get_callback(ch.time_type(), 0, ch.chid, _GET_CB, req))
         if req.error is not None:
             raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': get failed: {req.error}")
         return req.result
+
+    def _issue(self, name: str, what: str, req: Any, deadline: float, timeout: float, call) -> None:
+        """Start a callback get/put, flush it, and wait for its callback until ``deadline``."""
+        with self._attached():
+            ret = call()
+            if ret != dbr.ECA_NORMAL:
+                self._inflight.discard(req)
+                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': {what} failed: {_message(ret)}")
+            self._lib.flush_io()
+        if not req.done.wait(max(0.0, deadline - time.monotonic())):
+            raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': {what} did not complete within {timeout:g} s")
 
     def put(self, name: str, value: ValueTree, timeout: float) -> None:
         if not isinstance(value, dict) or "value" not in value:
@@ -675,14 +680,8 @@ class CAProvider:
         except (TypeError, ValueError, OverflowError) as e:
             raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot put {value['value']!r}: {e}") from None
         req = _PutRequest(data, self._inflight)
-        with self._attached():
-            ret = self._lib.array_put_callback(ftype, count, ch.chid, ctypes.addressof(data), _PUT_CB, req)
-            if ret != dbr.ECA_NORMAL:
-                self._inflight.discard(req)
-                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put failed: {_message(ret)}")
-            self._lib.flush_io()
-        if not req.done.wait(max(0.0, deadline - time.monotonic())):
-            raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': put did not complete within {timeout:g} s")
+        self._issue(name, "put", req, deadline, timeout,
+                    lambda: self._lib.array_put_callback(ftype, count, ch.chid, ctypes.addressof(data), _PUT_CB, req))
         if req.status != dbr.ECA_NORMAL:
             raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put failed: {_message(req.status)}")
 
