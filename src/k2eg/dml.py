@@ -276,6 +276,10 @@ class dml:  # noqa: N801 - the 0.3.0 name
                 deadline = time.monotonic() + (5.0 if timeout is None else timeout)
                 while (entry[1].last_iteration or 0) < final and time.monotonic() < deadline:
                     time.sleep(0.01)
+                # Queued is not handled: wait until the dispatcher has run everything before us.
+                drained = threading.Event()
+                self._t.call_soon(drained.set)
+                drained.wait(max(0.0, deadline - time.monotonic()))
             return rec
         finally:
             self._forget_recurring(snapshot_name)
