@@ -14,6 +14,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 log = logging.getLogger("k2eg.transport")
 
+CREATE_CHUNK = 500  # topics per CreateTopics request: the broker refuses one of 10,000 as "excessively large"
+
 
 class TopicAdmin:
     """Creates topics once; remembers which ones exist and which it created."""
@@ -30,17 +32,18 @@ class TopicAdmin:
             missing = [t for t in dict.fromkeys(topics) if t not in self._known]
         if not missing:
             return []
-        futures = self._admin.create_topics(
-            [NewTopic(t, num_partitions=1, replication_factor=-1) for t in missing],
-            operation_timeout=timeout, request_timeout=timeout)
         made = []
-        for topic, fut in futures.items():
-            try:
-                fut.result(timeout)
-                made.append(topic)
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
+        for start in range(0, len(missing), CREATE_CHUNK):
+            futures = self._admin.create_topics(
+                [NewTopic(t, num_partitions=1, replication_factor=-1) for t in missing[start:start + CREATE_CHUNK]],
+                operation_timeout=timeout, request_timeout=timeout)
+            for topic, fut in futures.items():
+                try:
+                    fut.result(timeout)
+                    made.append(topic)
+                except KafkaException as e:
+                    if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
         with self._lock:
             self._known.update(missing)
             self.created.update(made)
