@@ -192,3 +192,31 @@ def test_environment_and_app_from_variables_in_a_real_process(stack, app_name):
     p = subprocess.run([sys.executable, "-m", "k2eg.cli.main", "get", "pva://no:such:pv"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Remote error -3" in p.stderr and "Traceback" not in p.stderr
+
+
+# ----------------------------------------------------------------------------- status
+
+def test_status_shows_the_gateway_its_monitors_and_their_rates(k2eg, k, monkeypatch):
+    import time
+
+    monkeypatch.setenv("COLUMNS", "200")  # the table at a wide terminal's width: no cell cut short
+
+    k.monitor("pva://channel:counter", lambda *_: None)
+    k.status()                      # first sample of the rate meter
+    time.sleep(1.5)
+    r = k2eg("status", "--json")
+    assert r.exit_code == 0, r.output
+    (live,) = [g for g in json.loads(r.stdout)["gateways"] if g.get("answered")]
+    (mon,) = [m for m in live["monitors"] if m["pv"] == "pva://channel:counter"]
+    assert mon["connected"] and mon["events_per_s"] > 0     # a 10 Hz PV
+    assert live["rates"]["events_published_per_s"] > 0
+    table = k2eg("status")
+    assert table.exit_code == 0, table.output
+    for text in ("gateways", live["gateway"]["id"] + " *", "running", "monitors", "pva://channel:counter"):
+        assert text in table.stdout
+
+
+def test_gateways_announce_themselves_on_the_status_topic(k):
+    gateways = k.gateways()
+    assert k.status()["gateway"]["id"] in [g["gateway"]["id"] for g in gateways]
+    assert all(g["state"] == "running" and g["last_seen_s"] < 30 for g in gateways)

@@ -200,3 +200,45 @@ def test_snapshot_rows_keep_the_asked_order_and_count_values():
     assert r.snapshot_rows(result, ["a", "b", "c"]) == [("a", "9", 1), ("b", "2", 2), ("c", "(no value)", 0)]
     text = rendered(r.snapshot_table(r.snapshot_rows(result, ["a", "b"])))
     assert "latest value" in text and "count" in text
+
+
+# ----------------------------------------------------------------------------- gateway status
+
+def _gw(gid, **extra):
+    return {"gateway": {"id": gid, "uptime_s": 3725}, "state": "running", "monitors_active": 1,
+            "pvs": {"total": 2, "connected": 1}, "rates": {"events_published_per_s": 12.5, "commands_per_s": 0.0},
+            "snapshots": [], "records_lost": 0, **extra}
+
+
+def _text(table):
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_the_live_answer_replaces_its_gateways_beacon_and_comes_first():
+    merged = r.merge_gateways([_gw("b:1", last_seen_s=4.0), _gw("a:2", last_seen_s=2.0)],
+                                   _gw("b:1", monitors=[]))
+    assert [g["gateway"]["id"] for g in merged] == ["b:1", "a:2"]
+    assert merged[0]["answered"] and merged[0]["last_seen_s"] == 0.0 and "monitors" in merged[0]
+
+
+def test_gateways_table_marks_the_answering_and_the_silent_gateways():
+    text = _text(r.gateways_table(r.merge_gateways([_gw("old:9", last_seen_s=95.0)], _gw("live:1"))))
+    assert "live:1 *" in text and "1h02m05s" in text and "1/2" in text and "12.5/s" in text
+    assert "silent" in text and "95 s ago" in text
+
+
+def test_monitor_status_rows_are_the_busiest_first_and_capped():
+    status = {"monitors": [{"pv": f"ca://pv{i}", "connected": True, "events": i, "events_per_s": float(i),
+                            "destinations": {f"t{i}": "msgpack"}} for i in range(40)]}
+    text = _text(r.monitors_status_table(status, limit=5))
+    assert "ca://pv39" in text and "ca://pv35" in text and "ca://pv34" not in text
+    assert "5 busiest of 40" in text
+
+
+def test_snapshot_status_rows_name_type_and_progress():
+    text = _text(r.snapshots_status_table({"snapshots": [
+        {"name": "orbit", "type": "normal", "triggered": True, "pvs": 3, "iteration": 7, "published": 6,
+         "failures": 0}]}))
+    assert "orbit" in text and "normal (triggered)" in text and " 7 " in text

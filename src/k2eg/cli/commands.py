@@ -1,4 +1,4 @@
-"""The PV commands of ``k2eg``: get, put, monitor, snapshot, info.
+"""The commands of ``k2eg``: get, put, monitor, snapshot, info, and status.
 
 Each validates its PV URIs before asking for the client, so a typo fails at
 once instead of after connecting to Kafka.
@@ -264,4 +264,43 @@ def info(state: Any, pv_url: str, timeout: float, as_json: bool) -> None:
         _console().print(render.fields_table(data, title=f"{pv.uri} info"))
 
 
-ALL = [get, put, monitor, snapshot, info]
+# ----------------------------------------------------------------------------- status
+
+@click.command()
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="seconds to wait for the live answer and for the gateways' announcements")
+@click.option("--json", "as_json", is_flag=True, help="print every gateway's full status as JSON")
+@click.pass_obj
+def status(state: Any, timeout: float, as_json: bool) -> None:
+    """Show the gateways reachable through Kafka: monitors, repeating snapshots, PVs and rates.
+
+    The gateway consuming the command topic answers live (marked *); others
+    sharing the topic are listed from their announcements of the last 30 s.
+    """
+    from k2eg.client.errors import OperationTimeout
+
+    client = state.client
+    try:
+        live = client.status(timeout=timeout)
+    except OperationTimeout:
+        live = None
+    gateways = render.merge_gateways(client.gateways(timeout=timeout), live)
+    if not gateways:
+        raise click.ClickException(f"no gateway answered on {client.environment.cmd_topic} within {timeout:g} s, "
+                                   "and none announced itself in the last 30 s")
+    if as_json:
+        _echo_json({"gateways": gateways})
+        return
+    console = _console()
+    console.print(render.gateways_table(gateways))
+    if live is not None:
+        if live.get("monitors"):
+            console.print(render.monitors_status_table(live))
+        if live.get("snapshots"):
+            console.print(render.snapshots_status_table(live))
+    else:
+        console.print(f"no live answer on {client.environment.cmd_topic} within {timeout:g} s: "
+                      "the table shows the last announcements")
+
+
+ALL = [get, put, monitor, snapshot, info, status]

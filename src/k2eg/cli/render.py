@@ -346,3 +346,87 @@ def snapshot_table(rows: Iterable[tuple[str, str, int]], title: str | None = Non
     for name, latest, count in rows:
         table.add_row(Text(name), Text(latest), Text(str(count)))
     return table
+
+
+# ----------------------------------------------------------------------------- gateway status
+
+STATUS_MONITOR_ROWS = 30  # busiest monitors shown; --json has them all
+
+
+def merge_gateways(beacons: Sequence[Mapping], live: Mapping | None) -> list[dict]:
+    """The gateways to show: each beacon, with the live ``status`` answer in place of its own gateway's beacon."""
+    out: dict[str, dict] = {}
+    for doc in beacons:
+        gid = str((doc.get("gateway") or {}).get("id", "?"))
+        out[gid] = dict(doc)
+    if live is not None:
+        gid = str((live.get("gateway") or {}).get("id", "?"))
+        out[gid] = {**live, "state": "running", "last_seen_s": 0.0, "answered": True}
+    return sorted(out.values(), key=lambda d: (not d.get("answered"), str((d.get("gateway") or {}).get("id"))))
+
+
+def _duration(seconds: Any) -> str:
+    try:
+        s = int(seconds)
+    except (TypeError, ValueError):
+        return "?"
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d or h:
+        return (f"{d}d" if d else "") + f"{h}h{m:02d}m{s:02d}s"
+    return f"{m}m{s:02d}s"
+
+
+def _rate(x: Any) -> str:
+    return f"{x:,.1f}/s" if isinstance(x, (int, float)) else "?"
+
+
+def gateways_table(gateways: Iterable[Mapping], stale_after: float = 30.0) -> Table:
+    table = Table(title="gateways", title_justify="left", header_style="bold")
+    for col, justify in (("gateway", "left"), ("state", "left"), ("uptime", "right"), ("monitors", "right"),
+                         ("snapshots", "right"), ("PVs connected", "right"), ("events", "right"),
+                         ("commands", "right"), ("lost", "right"), ("last seen", "right")):
+        table.add_column(col, justify=justify, no_wrap=col != "gateway", overflow="fold")
+    for g in gateways:
+        ident = g.get("gateway") or {}
+        seen = g.get("last_seen_s")
+        state = str(g.get("state", "?"))
+        if state == "running" and isinstance(seen, (int, float)) and seen > stale_after:
+            state = "silent"
+        style = {"running": "green", "stopped": "dim", "silent": "yellow"}.get(state, "")
+        pvs = g.get("pvs") or {}
+        rates = g.get("rates") or {}
+        table.add_row(Text(f"{ident.get('id', '?')}" + (" *" if g.get("answered") else ""), style="cyan"),
+                      Text(state, style=style), _duration(ident.get("uptime_s", g.get("uptime_s"))),
+                      str(g.get("monitors_active", "?")), str(len(g.get("snapshots") or [])),
+                      f"{pvs.get('connected', '?')}/{pvs.get('total', '?')}",
+                      _rate(rates.get("events_published_per_s")), _rate(rates.get("commands_per_s")),
+                      str(g.get("records_lost", 0)), "now" if not seen else f"{seen:g} s ago")
+    return table
+
+
+def monitors_status_table(status: Mapping, limit: int = STATUS_MONITOR_ROWS) -> Table:
+    monitors = sorted(status.get("monitors") or [], key=lambda m: -(m.get("events_per_s") or 0))
+    caption = f"{limit} busiest of {len(monitors)}" if len(monitors) > limit else None
+    table = Table(title="monitors", title_justify="left", header_style="bold", caption=caption)
+    for col, justify in (("PV", "left"), ("connected", "left"), ("rate", "right"), ("events", "right"),
+                         ("destinations", "left")):
+        table.add_column(col, justify=justify, no_wrap=col not in ("PV", "destinations"), overflow="fold")
+    for m in monitors[:limit]:
+        dests = ", ".join(m.get("destinations") or {}) or (f"{m.get('snapshot_taps', 0)} snapshot(s)")
+        table.add_row(Text(str(m.get("pv")), style="cyan"),
+                      Text("yes" if m.get("connected") else "no", style="green" if m.get("connected") else "magenta"),
+                      _rate(m.get("events_per_s")), str(m.get("events", 0)), Text(dests))
+    return table
+
+
+def snapshots_status_table(status: Mapping) -> Table:
+    table = Table(title="repeating snapshots", title_justify="left", header_style="bold")
+    for col in ("name", "type", "PVs", "iteration", "published", "failures"):
+        table.add_column(col, justify="left" if col in ("name", "type") else "right", no_wrap=True)
+    for s in status.get("snapshots") or []:
+        kind = str(s.get("type", "?")) + (" (triggered)" if s.get("triggered") else "")
+        table.add_row(Text(str(s.get("name")), style="cyan"), kind, str(s.get("pvs", "?")),
+                      str(s.get("iteration", "?")), str(s.get("published", "?")), str(s.get("failures", 0)))
+    return table

@@ -70,3 +70,8 @@ def snapshot_topic(snapshot_name: str) -> str:
 
 def reply_topic(app_name: str) -> str:
     return f"{app_name}-reply"
+
+
+def gateway_status_topic(cmd_topic: str) -> str:
+    """ext: where every gateway reading ``cmd_topic`` announces itself, so ``k2eg status`` finds them all."""
+    return f"{cmd_topic}-gateway-status"
