@@ -101,7 +101,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("log-format", default="text", help="text or json (ext)"),
     Spec("nc-monitor-expiration-timeout", int, 3600, "seconds without consumers before a monitor stops"),
     Spec("nc-purge-queue-on-exp-timeout", _bool, True, "delete an expired monitor's topic if the gateway created it"),
-    Spec("nc-monitor-consumer-filterout-regex", _regex, (), "consumer groups to ignore (repeatable)", repeat=True),
+    Spec("nc-monitor-consumer-filterout-regex", _regex, (),
+         "consumer groups (ids matching this regex in full) that do not keep a monitor alive (repeatable)",
+         repeat=True),
     Spec("metric-enable", _bool, False, "serve Prometheus metrics"),
     Spec("metric-server-http-port", _port, 8080, "port of /metrics"),
     Spec("node-type", default="gateway", help="only 'gateway' is supported"),
@@ -110,7 +112,7 @@ SPECS: tuple[Spec, ...] = (
          "seconds to wait for a PV to connect before an error reply (ext)"),
     Spec("command-workers", _positive(int), 32, "threads executing blocking EPICS operations (ext)"),
     Spec("state-topic", default="", help="compacted topic keeping monitors and snapshots across restarts; "
-                                         "default <cmd-input-topic>-gateway-state (ext)"),
+                                         "default <cmd-input-topic>-gateway-state; one gateway per topic (ext)"),
     Spec("access-rules", default="", help="put access rules file (ext)"),
     Spec("read-only", _bool, False, "refuse every put (ext)"),
 )

@@ -66,6 +66,7 @@ from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .monitors import Channel, MonitorHub
+from .state import SnapshotState, StateStore, snapshot_key
 
 log = logging.getLogger("k2eg.gateway.snapshots")
 
@@ -245,7 +246,8 @@ class Repeating:
 
     def __init__(self, cmd: C.RepeatingSnapshot, hub: MonitorHub,
                  publish: Callable[[str, str, dict, str | None], None],
-                 on_end: Callable[["Repeating"], None] = lambda snap: None, settle: float = SETTLE_S):
+                 on_end: Callable[["Repeating"], None] = lambda snap: None, settle: float = SETTLE_S,
+                 first_iteration: int = 0, warmup: float = 0.0):
         self.cmd = cmd
         self.name = cmd.snapshot_name
         self.topic = snapshot_topic(cmd.snapshot_name)
@@ -254,8 +256,9 @@ class Repeating:
         self._on_end = on_end
         self.settle = settle
         self.timed = cmd.kind is C.SnapshotKind.TIMED_BUFFERED
-        self.iteration = 0          # last iteration started
-        self.published = 0          # last iteration whose Tail went out without error
+        self.iteration = first_iteration   # last iteration started (a resumed snapshot continues its numbering)
+        self.published = first_iteration   # last iteration whose Tail went out without error
+        self.warmup = warmup        # resumed: wait this long for values before the first iteration
         self.failures = 0
         self.lock = threading.Lock()            # values fed by the hub
         self.latest: dict[PVUri, dict] = {}
@@ -447,6 +450,8 @@ class Repeating:
 
     def _loop(self) -> None:
         try:
+            if self.warmup > 0:
+                self.wait_connected(self.warmup)
             if self.cmd.triggered:
                 while self.failures < MAX_FAILURES:
                     req = self._next_request()
@@ -491,7 +496,8 @@ class SnapshotManager:
 
     def __init__(self, hub: MonitorHub, reply: Callable, publish_record: Callable, read: Callable[[PVUri], dict],
                  ensure_topics: Callable[[list[str]], Any], connect_timeout: float | None = None,
-                 max_repeating: int = 256, read_workers: int = 16, settle: float = SETTLE_S):
+                 max_repeating: int = 256, read_workers: int = 16, settle: float = SETTLE_S,
+                 state: StateStore | None = None):
         self.hub = hub
         self.reply = reply                  # (cmd, record, key) -> None
         self.publish_record = publish_record  # (topic, key, record, ser, value_key) -> None
@@ -506,6 +512,7 @@ class SnapshotManager:
         self.running: dict[str, Repeating] = {}
         self.lock = threading.Lock()
         self.iterations = 0
+        self.state = state                  # where running snapshots are kept across restarts, if anywhere
 
     # -- one-shot
     def one_shot(self, cmd: C.Snapshot) -> None:
@@ -524,6 +531,26 @@ class SnapshotManager:
         with self.lock:
             if self.running.get(snap.name) is snap:
                 del self.running[snap.name]
+                # Under the lock, so a new start of the same name writes its record after this tombstone.
+                # A gateway shutdown is not an end: the snapshot resumes at the next start.
+                if not snap.closing:
+                    self._store(removed=[snapshot_key(snap.name)])
+
+    def _store(self, **change: Any) -> None:
+        """Record a change in the state topic; a failure costs the restart, never the command."""
+        if self.state is None:
+            return
+        try:
+            self.state.write(**change)
+        except Exception:
+            log.exception("cannot record snapshot state")
+
+    def _publisher(self, cmd: C.RepeatingSnapshot) -> Callable[[str, str, dict, str | None], None]:
+        def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
+            self.publish_record(t, key, record, cmd.serialization, value_key)
+            if record.get("message_type") == replies.TAIL:
+                self.iterations += 1
+        return publish
 
     def start(self, cmd: C.RepeatingSnapshot) -> None:
         topic = snapshot_topic(cmd.snapshot_name)
@@ -541,13 +568,7 @@ class SnapshotManager:
             if len(self.running) >= self.max_repeating:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{len(self.running)} repeating snapshots are running, "
                                                            f"the most this gateway allows; stop one first")
-
-            def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
-                self.publish_record(t, key, record, cmd.serialization, value_key)
-                if record.get("message_type") == replies.TAIL:
-                    self.iterations += 1
-
-            snap = Repeating(cmd, self.hub, publish, self._ended, self.settle)
+            snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle)
             self.running[cmd.snapshot_name] = snap
         try:
             self.ensure_topics([topic])
@@ -557,6 +578,7 @@ class SnapshotManager:
             snap.close()
             snap._end()
             raise
+        self._store(items=[SnapshotState(cmd)])
         snap.start()
         message = f"snapshot {cmd.snapshot_name} started"
         if missing:
@@ -564,6 +586,24 @@ class SnapshotManager:
             message += (f"; {len(missing)} of {len(cmd.pvs)} PVs sent no value within {self.connect_timeout:g} s "
                         f"and join when they connect: {names}")
         self._reply(cmd, replies.ok(cmd.reply_id, message, publishing_topic=topic))
+
+    def resume(self, cmd: C.RepeatingSnapshot, last_iteration: int = 0) -> None:
+        """Restart a snapshot kept in the state topic: no reply, numbering continues after ``last_iteration``,
+        PVs are waited for on the snapshot's own thread so resuming many does not hold up the gateway."""
+        with self.lock:
+            if cmd.snapshot_name in self.running:
+                return
+            snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle,
+                             first_iteration=last_iteration, warmup=self.connect_timeout)
+            self.running[cmd.snapshot_name] = snap
+        try:
+            self.ensure_topics([snap.topic])
+            snap.attach()
+        except BaseException:
+            snap.close()
+            snap._end()
+            raise
+        snap.start()
 
     def _find(self, name: str) -> Repeating:
         with self.lock:
