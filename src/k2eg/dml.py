@@ -5,11 +5,14 @@ its own reply.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
 from typing import Any, Callable, Dict
+
+from confluent_kafka import Consumer, TopicPartition
 
 from k2eg.broker import SnapshotProperties, SnapshotType
 from k2eg.client.environment import load as load_environment
@@ -19,11 +22,13 @@ from k2eg.client.values import put_value_map
 from k2eg.protocol import commands as C
 from k2eg.protocol.errors import ProtocolError
 from k2eg.protocol.snapshots import IterationAssembler, OneShotCollector
-from k2eg.protocol.uri import SNAPSHOT_NAME, parse_pv_uri, pv_topic, snapshot_topic
+from k2eg.protocol.uri import SNAPSHOT_NAME, gateway_status_topic, parse_pv_uri, pv_topic, snapshot_topic
 
 __all__ = ["dml", "OperationTimeout", "OperationError", "SnapshotProperties", "SnapshotType"]
 
 logger = logging.getLogger(__name__)
+
+GATEWAY_BEACON_S = 10.0  # how often gateways announce themselves (k2eg.gateway.status)
 
 
 class dml:  # noqa: N801 - the 0.3.0 name
@@ -122,6 +127,48 @@ class dml:  # noqa: N801 - the 0.3.0 name
         pv = self._pv(pv_url)
         rec = self._call(C.Info(**self._envelope(), pv=pv), timeout, f"info operation for {pv.name}")
         return rec.get(pv.name, rec)
+
+    def status(self, timeout: float | None = None) -> dict:
+        """ext: the state of the gateway that consumes the command topic (monitors, snapshots, rates)."""
+        return self._call(C.Status(**self._envelope()), timeout, "status")["status"]
+
+    def gateways(self, window_s: float = 3 * GATEWAY_BEACON_S, timeout: float = 10.0) -> list[dict]:
+        """ext: every gateway of this environment's command topic that announced itself in the last ``window_s``.
+
+        Read from the gateways' beacon topic, so gateways on standby (or just
+        gone) are listed too; each entry gains ``last_seen_s``.
+        """
+        topic = gateway_status_topic(self.environment.cmd_topic)
+        consumer = Consumer(self._t._config({"enable.partition.eof": True}, group_id=f"{self.app_name}-status",
+                                            enable_auto_commit=False))
+        try:
+            meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+            if meta is None or meta.error is not None:  # no gateway ever announced itself here
+                return []
+            since = int((time.time() - window_s) * 1000)
+            start = consumer.offsets_for_times([TopicPartition(topic, 0, since)], timeout=timeout)[0]
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+            if start.offset < 0 or start.offset >= high:
+                return []
+            consumer.assign([TopicPartition(topic, 0, start.offset)])
+            latest: dict[bytes, tuple[float, dict]] = {}
+            deadline = time.monotonic() + timeout
+            position = start.offset
+            while position < high and time.monotonic() < deadline:
+                m = consumer.poll(0.5)
+                if m is None or m.error() is not None:
+                    continue
+                position = m.offset() + 1
+                try:
+                    doc = json.loads(m.value())
+                except (TypeError, ValueError):
+                    continue
+                if isinstance(doc, dict):
+                    latest[m.key()] = (m.timestamp()[1] / 1000, doc)
+        finally:
+            consumer.close()
+        now = time.time()
+        return [{**doc, "last_seen_s": round(max(0.0, now - seen), 1)} for seen, doc in latest.values()]
 
     # ------------------------------------------------------------- monitors
     def _on_monitor_record(self, topic: str, rec: Any) -> None:

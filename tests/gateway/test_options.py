@@ -203,6 +203,8 @@ def test_ignored_options_are_logged_as_warnings_at_startup(monkeypatch, caplog):
         raise Stop
 
     import k2eg.gateway.kafka as kafka
+    import k2eg.transport as transport
+    monkeypatch.setattr(transport, "check_credentials", lambda *configs: None)
     monkeypatch.setattr(kafka, "KafkaIO", no_kafka)
     with caplog.at_level("WARNING", logger="k2eg.gateway"), pytest.raises(Stop):
         main_mod.main([*REQUIRED, "--scheduler-thread-number", "4"])

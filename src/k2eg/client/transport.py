@@ -29,7 +29,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Pr
 
 from k2eg.protocol import commands as C
 from k2eg.protocol.codec import HEADER, decode
-from k2eg.transport import TopicAdmin
+from k2eg.transport import KafkaAccessError, KafkaAuthenticationError, KafkaWatch, TopicAdmin, await_metadata
 
 from .environment import Environment, EnvironmentConfigError
 from .errors import ClientClosed, KafkaUnavailable, OperationError
@@ -40,30 +40,28 @@ RecordSink = Callable[[dict], None]           # a reply-topic record for one rep
 TopicSink = Callable[[str, Any], None]        # (topic, decoded record) from a subscribed topic
 
 
-class KafkaLog:
+class KafkaAuthenticationFailed(KafkaUnavailable, KafkaAuthenticationError):
+    """The broker refused this client's SASL login (``kafka.sasl.*`` keys of the environment file)."""
+
+
+class KafkaLog(KafkaWatch):
     """librdkafka's log lines, on Python logging (confluent-kafka's ``logger`` option) instead of stderr.
 
     A broker that is down makes librdkafka repeat the same line many times a
     second; repeats within ``quiet_for`` seconds go to DEBUG. While ``startup``
     is set everything goes to DEBUG: a failed start-up raises one clear
-    exception instead.
+    exception instead (its reason kept by ``KafkaWatch``).
     """
 
     def __init__(self, logger: logging.Logger, quiet_for: float = 60.0):
-        self.logger = logger
+        super().__init__(logger)
         self.quiet_for = quiet_for
         self.startup = True
-        self.last_problem = ""  # newest warning or error, for start-up exceptions
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
-        try:
-            text = fmt % args
-        except Exception:
-            text = f"{fmt} {args}"
-        if level >= logging.WARNING:
-            self.last_problem = text
+        text = self.note(level, fmt, *args)
         if self.startup:
             level = min(level, logging.DEBUG)
         elif level > logging.DEBUG:
@@ -141,13 +139,14 @@ class ClientTransport:
     def _config(self, defaults: dict | None = None, **fixed: Any) -> dict:
         """librdkafka settings: our defaults, then the environment's ``kafka.*`` keys, then what must hold."""
         return {"bootstrap.servers": self.env.kafka_broker_url, **(defaults or {}), **self.env.kafka,
-                **{k.replace("_", "."): v for k, v in fixed.items()}, "logger": self.kafka_log}
+                **{k.replace("_", "."): v for k, v in fixed.items()}, "logger": self.kafka_log,
+                "error_cb": self.kafka_log.error_cb}
 
     def _unavailable(self, what: str, error: object) -> KafkaUnavailable:
         detail = error.args[0].str() if isinstance(error, KafkaException) and error.args else (str(error) or
                                                                                               type(error).__name__)
         if self.kafka_log.last_problem:
-            detail += f" (librdkafka: {self.kafka_log.last_problem.split(']: ', 1)[-1]})"
+            detail += f" (librdkafka: {self.kafka_log.last_problem})"
         return KafkaUnavailable(
             f"{what}: {detail}; check kafka_broker_url in {self.env.path} "
             f"(environment '{self.env.name}')")
@@ -159,17 +158,17 @@ class ClientTransport:
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
 
-        while True:  # short tries, serving librdkafka's log queue in between
-            try:
-                # all topics: naming one would let the broker auto-create it with its defaults
-                md = self.admin.client.list_topics(timeout=min(0.5, left()))
-                break
-            except KafkaException as e:
-                self.admin.client.poll(0)
-                self.producer.poll(0)
-                if time.monotonic() >= deadline:
-                    raise self._unavailable(
-                        f"cannot reach Kafka at {self.env.kafka_broker_url} within {timeout:g} s", e) from None
+        try:
+            md = await_metadata(self.admin.client, self.kafka_log, timeout, self.producer)
+        except KafkaAuthenticationError:
+            user = self.env.kafka.get("sasl.username")
+            raise KafkaAuthenticationFailed(
+                f"Kafka at {self.env.kafka_broker_url} refused the login{f' of user {user!r}' if user else ''} "
+                f"(authentication failed): {self.kafka_log.auth_error}; check kafka.sasl.username, "
+                f"kafka.sasl.password and kafka.sasl.mechanism in {self.env.path}") from None
+        except KafkaAccessError:
+            raise self._unavailable(f"cannot reach Kafka at {self.env.kafka_broker_url} within {timeout:g} s",
+                                    "the broker did not answer") from None
         meta = md.topics.get(self.reply_topic)
         if meta is None or meta.error is not None or not meta.partitions:
             try:

@@ -51,9 +51,13 @@ def format_summary(st: dict[str, Any]) -> str:
     k, ioc, gw = st["kafka"], st["ioc"], st["gateway"]
     kafka_where = (f"{k['bootstrap']}  (embedded, pid {k['pid']}, log {k['log']})" if k["embedded"]
                    else f"{k['bootstrap']}  (external)")
+    sec = st.get("security")
     lines = [
         "k2eg local stack is ready",
         f"  Kafka     {kafka_where}",
+        *([f"  security  {sec['protocol']} {sec['mechanism']}, users {', '.join(sec['users'])}"
+           + (f", CA {sec['ca']}" if sec.get("ca") else "") + " (client login in the environment file)"]
+          if sec else []),
         f"  IOC       CA {ioc['ca']}, PVA {ioc['pva']}  (pid {ioc['pid']}, log {ioc['log']})",
         f"  gateway   command topic {st['cmd_topic']}  (pid {gw['pid']}, log {gw['log']})",
         "",
@@ -86,14 +90,28 @@ def _stack_options(f):
     # Hidden: another gateway build, or a stand-in in tests; it must print the ready line on stderr.
     f = click.option("--gateway-command", default=None, hidden=True,
                      help="command line of the gateway instead of 'python -m k2eg.gateway'")(f)
+    f = click.option("--secure", is_flag=True, default=None,
+                     help="the broker requires a SASL login over TLS; the gateway and the client "
+                          "environment file get their own users")(f)
+    f = click.option("--sasl-mechanism", type=click.Choice(["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]),
+                     default=None, help="with --secure (default SCRAM-SHA-256)")(f)
+    f = click.option("--tls/--no-tls", default=None, help="with --secure: SASL_SSL (default) or SASL_PLAINTEXT")(f)
     return f
+
+
+def _security(ctx: click.Context, secure: bool | None, sasl_mechanism: str | None,
+              tls: bool | None) -> dict[str, Any]:
+    """Stack keyword arguments of the security options, from the subcommand or the group."""
+    return {"secure": bool(secure or ctx.find_root().params.get("secure")),
+            "mechanism": _from_group(ctx, "sasl_mechanism", sasl_mechanism) or "SCRAM-SHA-256",
+            "tls": _from_group(ctx, "tls", tls) is not False}
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @_stack_options
 @click.pass_context
 def main(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None, bulk: int | None,
-         gateway_command: str | None) -> None:
+         gateway_command: str | None, secure: bool | None, sasl_mechanism: str | None, tls: bool | None) -> None:
     """Kafka + demo IOC + k2eg gateway on this machine (loopback only). Default command: run."""
     _setup_logging()
     if ctx.invoked_subcommand is None:
@@ -105,17 +123,19 @@ def main(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None
 @click.argument("gateway_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, state_dir: Path | None = None, kafka_bootstrap: str | None = None,
-        bulk: int | None = None, gateway_command: str | None = None, gateway_args: Sequence[str] = ()) -> None:
+        bulk: int | None = None, gateway_command: str | None = None, secure: bool | None = None,
+        sasl_mechanism: str | None = None, tls: bool | None = None, gateway_args: Sequence[str] = ()) -> None:
     """Run the stack in the foreground until Ctrl-C. Arguments after -- go to the gateway."""
     gateway_command = _from_group(ctx, "gateway_command", gateway_command)
     code = run_foreground(_state_dir(ctx, state_dir), _from_group(ctx, "kafka_bootstrap", kafka_bootstrap),
                           _from_group(ctx, "bulk", bulk) or 0, list(gateway_args),
-                          shlex.split(gateway_command) if gateway_command else None)
+                          shlex.split(gateway_command) if gateway_command else None,
+                          **_security(ctx, secure, sasl_mechanism, tls))
     ctx.exit(code)
 
 
 def run_foreground(state_dir: Path, kafka_bootstrap: str | None, bulk: int, gateway_args: list[str],
-                   gateway_cmd: list[str] | None = None) -> int:
+                   gateway_cmd: list[str] | None = None, **security: Any) -> int:
     existing = read_state(state_dir)
     if runner_alive(existing):
         click.echo(f"k2eg-stack: a stack is already running from {state_dir} (pid {existing['pid']}); "
@@ -133,7 +153,7 @@ def run_foreground(state_dir: Path, kafka_bootstrap: str | None, bulk: int, gate
     code = 0
     try:
         stack = Stack(state_dir, kafka_bootstrap=kafka_bootstrap, bulk=bulk, gateway_args=gateway_args,
-                      gateway_cmd=gateway_cmd)
+                      gateway_cmd=gateway_cmd, **security)
         click.echo(f"k2eg-stack: starting in {state_dir} ...", err=True)
         stack.start()
         st = stack.describe()
@@ -175,12 +195,14 @@ def run_foreground(state_dir: Path, kafka_bootstrap: str | None, bulk: int, gate
 @click.argument("gateway_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def start(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None, bulk: int | None,
-          gateway_command: str | None, timeout: float, gateway_args: Sequence[str]) -> None:
+          gateway_command: str | None, secure: bool | None, sasl_mechanism: str | None, tls: bool | None,
+          timeout: float, gateway_args: Sequence[str]) -> None:
     """Start the stack in the background and return once it is ready."""
     state_dir = _state_dir(ctx, state_dir)
     kafka_bootstrap = _from_group(ctx, "kafka_bootstrap", kafka_bootstrap)
     bulk = _from_group(ctx, "bulk", bulk) or 0
     gateway_command = _from_group(ctx, "gateway_command", gateway_command)
+    security = _security(ctx, secure, sasl_mechanism, tls)
     existing = read_state(state_dir)
     if runner_alive(existing):
         click.echo(f"k2eg-stack: already running (pid {existing['pid']})", err=True)
@@ -195,6 +217,8 @@ def start(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | Non
         cmd += ["--bulk", str(bulk)]
     if gateway_command:
         cmd += ["--gateway-command", gateway_command]
+    if security["secure"]:
+        cmd += ["--secure", "--sasl-mechanism", security["mechanism"], "--tls" if security["tls"] else "--no-tls"]
     if gateway_args:
         cmd += ["--", *gateway_args]
     with open(log_path, "ab") as logf:

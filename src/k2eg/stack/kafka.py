@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -21,14 +22,15 @@ import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from .ports import free_ports
 
-__all__ = ["KAFKA_VERSION", "StackError", "KafkaBroker", "resolve_classpath", "default_cache_dir",
+__all__ = ["KAFKA_VERSION", "StackError", "KafkaBroker", "Security", "resolve_classpath", "default_cache_dir",
            "kill_stale_process", "parent_death_prefix"]
 
 KAFKA_VERSION = "4.1.1"
@@ -179,6 +181,82 @@ def resolve_classpath(cache_dir: Path | None = None) -> list[Path]:
     return jars
 
 
+# --------------------------------------------------------------------------- security
+
+MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
+BROKER_USER = "k2eg-broker"  # the broker's own login on its inter-broker listener
+_UNSAFE = re.compile(r'[\s",\[\]\\=]')  # would break --add-scram's "[name=..,password=..]" or the JAAS line
+
+
+@dataclass(frozen=True)
+class Security:
+    """SASL (SCRAM or PLAIN) and optionally TLS on the broker's client listener.
+
+    ``users`` (name -> password) are the logins clients may use. SCRAM users
+    are written into the KRaft metadata when the storage is formatted, so they
+    are fixed until ``KafkaBroker.reset()``; PLAIN users live in the broker's
+    configuration and follow every start.
+    """
+
+    mechanism: str = "SCRAM-SHA-256"
+    users: Mapping[str, str] = field(default_factory=dict)
+    tls: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"SASL mechanism {self.mechanism!r} is not supported; use one of {', '.join(MECHANISMS)}")
+        if not self.users:
+            raise ValueError("a secured broker needs at least one user (name -> password)")
+        for name, password in self.users.items():
+            if name == BROKER_USER:
+                raise ValueError(f"user name {BROKER_USER!r} is reserved for the broker itself")
+            if not name or not password or _UNSAFE.search(name) or _UNSAFE.search(password):
+                raise ValueError(f"user {name!r}: names and passwords must be non-empty, without spaces, "
+                                 "quotes, commas, brackets, backslashes or '='")
+
+    @property
+    def protocol(self) -> str:
+        """librdkafka's ``security.protocol`` and the listener's name."""
+        return "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise StackError("openssl is required to make the TLS certificates of a secured broker "
+                         "(e.g. apt-get install openssl), or start it with tls=False")
+    r = subprocess.run([openssl, *args], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                       timeout=60)
+    if r.returncode != 0:
+        raise StackError(f"openssl {args[0]} failed: {(r.stdout + r.stderr).strip()[-800:]}")
+
+
+def make_certificates(tls_dir: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A private CA and a broker certificate for ``host`` (PEM), made once; returns (CA, broker key+chain).
+
+    Kafka reads PEM key stores directly (``ssl.keystore.type=PEM``), so no
+    keytool/PKCS12 step is needed; librdkafka trusts the CA via ``ssl.ca.location``.
+    """
+    ca, broker = tls_dir / "ca.pem", tls_dir / "broker.pem"
+    if ca.is_file() and broker.is_file():
+        return ca, broker
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(tls_dir, 0o700)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "3650",
+             "-subj", "/CN=k2eg local stack CA", cwd=tls_dir)
+    _openssl("req", "-new", *ec, "-keyout", "broker.key", "-out", "broker.csr", "-subj", f"/CN={host}", cwd=tls_dir)
+    (tls_dir / "broker.ext").write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "3650", "-extfile", "broker.ext", "-out", "broker.crt", cwd=tls_dir)
+    _openssl("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.p8", cwd=tls_dir)
+    partial = tls_dir / "broker.pem.partial"
+    partial.write_text((tls_dir / "broker.p8").read_text() + (tls_dir / "broker.crt").read_text())
+    os.chmod(partial, 0o600)
+    partial.replace(broker)  # last: its presence means the set is complete
+    return ca, broker
+
+
 # --------------------------------------------------------------------------- broker
 
 _LIVE: set["KafkaBroker"] = set()
@@ -220,7 +298,8 @@ class KafkaBroker:
     """
 
     def __init__(self, data_dir: Path, port: int | None = None, controller_port: int | None = None, *,
-                 cache_dir: Path | None = None, jvm_opts: Sequence[str] | None = None) -> None:
+                 cache_dir: Path | None = None, jvm_opts: Sequence[str] | None = None,
+                 security: Security | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         if port is None or controller_port is None:
             picked = iter(p for p in free_ports(3) if p not in (port, controller_port))
@@ -232,6 +311,7 @@ class KafkaBroker:
         self.controller_port = int(controller_port)
         self.cache_dir = cache_dir
         self.jvm_opts = tuple(DEFAULT_JVM_OPTS if jvm_opts is None else jvm_opts)
+        self.security = security
         self._proc: subprocess.Popen | None = None
 
     # ---------------------------------------------------------------- layout
@@ -243,6 +323,42 @@ class KafkaBroker:
     @property
     def config_path(self) -> Path:
         return self.data_dir / "server.properties"
+
+    @property
+    def tls_dir(self) -> Path:
+        """CA and broker certificate of a TLS broker; kept across ``reset()`` so clients keep trusting it."""
+        return self.data_dir / "tls"
+
+    @property
+    def ca_path(self) -> Path | None:
+        """The PEM CA clients pass as ``ssl.ca.location``; None without TLS."""
+        return self.tls_dir / "ca.pem" if self.security and self.security.tls else None
+
+    def client_config(self, user: str | None = None) -> dict[str, str]:
+        """librdkafka settings that log in as ``user`` (default: the first one); bootstrap included."""
+        config = {"bootstrap.servers": self.bootstrap}
+        sec = self.security
+        if sec is None:
+            return config
+        user = next(iter(sec.users)) if user is None else user
+        if user not in sec.users:
+            raise KeyError(f"no user {user!r} on this broker (users: {', '.join(sec.users)})")
+        config.update({"security.protocol": sec.protocol, "sasl.mechanism": sec.mechanism,
+                       "sasl.username": user, "sasl.password": sec.users[user]})
+        if self.ca_path is not None:
+            config["ssl.ca.location"] = str(self.ca_path)
+        return config
+
+    def _broker_secret(self) -> str:
+        """The broker's own password: made once per data dir, since SCRAM keeps it from the format on."""
+        path = self.data_dir / "broker.secret"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            secret = secrets.token_hex(16)
+            path.touch(0o600)
+            path.write_text(secret + "\n")
+            return secret
 
     @property
     def log_dir(self) -> Path:
@@ -276,14 +392,19 @@ class KafkaBroker:
 
     def server_properties(self) -> str:
         host = "127.0.0.1"
+        listener = self.security.protocol if self.security else "PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{host}:{self.controller_port}",
-            "listeners": f"PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{self.port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name": "PLAINTEXT",
+            # The controller listener stays PLAINTEXT on loopback: KRaft controllers cannot use SCRAM,
+            # and only this JVM talks to it.
+            "listeners": f"{listener}://{host}:{self.port},CONTROLLER://{host}:{self.controller_port}",
+            "advertised.listeners": f"{listener}://{host}:{self.port}",
+            "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
+            # A secured broker talks to itself over the secured listener, logged in as BROKER_USER:
+            # no unauthenticated port is left open besides the loopback controller.
+            "inter.broker.listener.name": listener,
             "controller.listener.names": "CONTROLLER",
             "log.dirs": str(self.log_dir),
             "num.partitions": "1",
@@ -302,9 +423,42 @@ class KafkaBroker:
             "num.network.threads": "2",
             "num.io.threads": "4",
         }
+        if self.security:
+            props.update(self._security_properties(listener))
         lines = ["# Written by k2eg.stack.kafka on every start; edits are lost."]
         lines += [f"{k}={v}" for k, v in props.items()]
         return "\n".join(lines) + "\n"
+
+    def _security_properties(self, listener: str) -> dict[str, str]:
+        sec = self.security
+        assert sec is not None
+        mech, secret = sec.mechanism, self._broker_secret()
+        if mech == "PLAIN":
+            users = " ".join(f'user_{n}="{p}"' for n, p in {BROKER_USER: secret, **sec.users}.items())
+            jaas = (f'org.apache.kafka.common.security.plain.PlainLoginModule required '
+                    f'username="{BROKER_USER}" password="{secret}" {users};')
+        else:
+            jaas = (f'org.apache.kafka.common.security.scram.ScramLoginModule required '
+                    f'username="{BROKER_USER}" password="{secret}";')
+        props = {
+            "sasl.enabled.mechanisms": mech,
+            "sasl.mechanism.inter.broker.protocol": mech,
+            f"listener.name.{listener.lower()}.{mech.lower()}.sasl.jaas.config": jaas,
+        }
+        if sec.tls:
+            ca, keystore = make_certificates(self.tls_dir)
+            props.update({"ssl.keystore.type": "PEM", "ssl.keystore.location": str(keystore),
+                          "ssl.truststore.type": "PEM", "ssl.truststore.location": str(ca),
+                          "ssl.client.auth": "none"})
+        return props
+
+    def _scram_args(self) -> list[str]:
+        """``--add-scram`` entries for the format step (SCRAM users live in the KRaft metadata)."""
+        sec = self.security
+        if sec is None or not sec.mechanism.startswith("SCRAM"):
+            return []
+        users = {BROKER_USER: self._broker_secret(), **sec.users}
+        return [a for n, p in users.items() for a in ("--add-scram", f"{sec.mechanism}=[name={n},password={p}]")]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -326,6 +480,8 @@ class KafkaBroker:
         deadline = time.monotonic() + timeout
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._kill_stale()
+        self.config_path.touch(0o600)  # a secured broker's file holds its own password
+        self.config_path.chmod(0o600)
         self.config_path.write_text(self.server_properties())
         (self.data_dir / "log4j2.xml").write_text(_resource_text("log4j2-kafka.xml"))
         self._format(java, classpath, deadline)
@@ -355,12 +511,18 @@ class KafkaBroker:
         if (self.log_dir / "meta.properties").is_file():
             return
         cmd = self._java_cmd(java, classpath, "kafka.tools.StorageTool", "format", "--ignore-formatted",
-                             "-t", _random_cluster_id(), "-c", str(self.config_path))
+                             "-t", _random_cluster_id(), "-c", str(self.config_path), *self._scram_args())
+        # Through a java @argfile: SCRAM passwords must not show in the process list.
+        argfile = self.data_dir / "format.args"
+        argfile.touch(0o600)
+        argfile.write_text("\n".join(f'"{a}"' for a in cmd[1:]) + "\n")
         try:
-            r = subprocess.run(cmd, cwd=self.data_dir, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                               timeout=max(1.0, deadline - time.monotonic()))
+            r = subprocess.run([cmd[0], f"@{argfile}"], cwd=self.data_dir, capture_output=True, text=True,
+                               stdin=subprocess.DEVNULL, timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise StackError(f"formatting Kafka storage in {self.log_dir} timed out") from None
+        finally:
+            argfile.unlink(missing_ok=True)
         if r.returncode != 0:
             out = "\n".join((r.stdout + r.stderr).strip().splitlines()[-20:])
             raise StackError(f"formatting Kafka storage in {self.log_dir} failed:\n{out}")
@@ -390,7 +552,7 @@ class KafkaBroker:
                 break
             except OSError:
                 time.sleep(0.05)
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": _quiet_logger(), "log_level": 0,
+        admin = AdminClient({**self.client_config(), "logger": _quiet_logger(), "log_level": 0,
                              "reconnect.backoff.ms": 50, "reconnect.backoff.max.ms": 200})
         while True:
             self._check_alive(log_start)

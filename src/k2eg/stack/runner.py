@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .kafka import (KafkaBroker, StackError, _alive, _signal_group, kill_stale_process, parent_death_prefix,
-                    terminate_group)
+from .kafka import (KafkaBroker, Security, StackError, _alive, _signal_group, kill_stale_process,
+                    parent_death_prefix, terminate_group)
 
 __all__ = ["Stack", "StackError", "CMD_TOPIC", "ENVIRONMENT", "GATEWAY_READY", "read_state", "write_state",
            "remove_state", "state_path", "runner_alive"]
@@ -35,6 +36,9 @@ GATEWAY_GROUP = "k2eg-gateway"
 #: The gateway prints this on stderr once it consumes its command topic.
 GATEWAY_READY = "k2eg gateway ready"
 STATE_FILE = "stack.json"
+#: Logins of a secured stack: the gateway and clients get their own.
+GATEWAY_USER = "k2eg-gateway"
+CLIENT_USER = "k2eg-client"
 
 
 class Stack:
@@ -42,11 +46,18 @@ class Stack:
 
     A new ``Stack`` starts from an empty embedded broker; ``stop_kafka()`` then
     ``start_kafka()`` keeps its port and its data, like a restarted broker.
+
+    ``secure=True`` makes the broker require a SASL login (``mechanism``) over
+    TLS (unless ``tls=False``), with fresh passwords for ``GATEWAY_USER`` and
+    ``CLIENT_USER``. Passwords stay out of command lines: the gateway gets its
+    librdkafka settings through ``EPICS_K2EG_{PUB,SUB}_IMPL_KV``, the client
+    through the environment file (mode 600).
     """
 
     def __init__(self, state_dir: Path, kafka_bootstrap: str | None = None, bulk: int = 0,
                  gateway_args: Sequence[str] = (), *, gateway_cmd: Sequence[str] | None = None,
-                 ioc_factory: Any = None, gateway_timeout: float = 60) -> None:
+                 ioc_factory: Any = None, gateway_timeout: float = 60, secure: bool = False, tls: bool = True,
+                 mechanism: str = "SCRAM-SHA-256") -> None:
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.external_bootstrap = kafka_bootstrap
         self.bulk = int(bulk)
@@ -57,7 +68,20 @@ class Stack:
         self.environment = ENVIRONMENT
         self.cmd_topic = CMD_TOPIC
         self.env_dir = self.state_dir / "environment"
-        self.kafka: KafkaBroker | None = (None if kafka_bootstrap else KafkaBroker(self.state_dir / "kafka"))
+        security = None
+        if secure:
+            if kafka_bootstrap:
+                raise StackError("a secured stack runs its own broker: drop --kafka-bootstrap, or put the "
+                                 "external broker's SASL settings in EPICS_K2EG_PUB_IMPL_KV/SUB_IMPL_KV yourself")
+            if any(a.split("=", 1)[0] in ("--pub-impl-kv", "--sub-impl-kv") for a in self.gateway_args):
+                # The command line would replace the settings the stack passes in the environment.
+                raise StackError("a secured stack passes the gateway's Kafka login in EPICS_K2EG_PUB_IMPL_KV and "
+                                 "EPICS_K2EG_SUB_IMPL_KV: give extra librdkafka settings there (one key:value "
+                                 "per line) instead of --pub-impl-kv/--sub-impl-kv")
+            security = Security(mechanism, {GATEWAY_USER: secrets.token_urlsafe(18),
+                                            CLIENT_USER: secrets.token_urlsafe(18)}, tls=tls)
+        self.kafka: KafkaBroker | None = (None if kafka_bootstrap else
+                                          KafkaBroker(self.state_dir / "kafka", security=security))
         if ioc_factory is None:
             from .ioc import DemoIOC as ioc_factory
         self.ioc = ioc_factory(self.state_dir / "ioc", bulk=self.bulk)
@@ -72,6 +96,16 @@ class Stack:
     @property
     def bootstrap(self) -> str:
         return self.external_bootstrap or self.kafka.bootstrap  # type: ignore[union-attr]
+
+    @property
+    def security(self) -> Security | None:
+        return self.kafka.security if self.kafka else None
+
+    def kafka_config(self, user: str = GATEWAY_USER) -> dict[str, str]:
+        """librdkafka settings reaching this stack's broker, logged in as ``user`` when it is secured."""
+        if self.kafka is None or self.kafka.security is None:
+            return {"bootstrap.servers": self.bootstrap}
+        return self.kafka.client_config(user)
 
     @property
     def env_file(self) -> Path:
@@ -159,7 +193,7 @@ class Stack:
 
     def _admin(self):
         from confluent_kafka.admin import AdminClient
-        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0,
+        return AdminClient({**self.kafka_config(), "log_level": 0,
                             "logger": logging.getLogger("k2eg.stack.kafka.probe")})
 
     def _check_external(self) -> None:
@@ -185,9 +219,15 @@ class Stack:
                 raise StackError(f"cannot create topic {topic} on {self.bootstrap}: {e.args[0].str()}") from None
 
     def write_env_file(self) -> Path:
-        """The k2eg client's configuration for environment ``local``: which broker, which command topic."""
+        """The k2eg client's configuration for environment ``local``: which broker, which command topic,
+        and on a secured stack the ``kafka.*`` login and CA (so the file is private to its owner)."""
         self.env_dir.mkdir(parents=True, exist_ok=True)
-        self.env_file.write_text(f"[DEFAULT]\nkafka_broker_url={self.bootstrap}\nk2eg_cmd_topic={self.cmd_topic}\n")
+        lines = ["[DEFAULT]", f"kafka_broker_url={self.bootstrap}", f"k2eg_cmd_topic={self.cmd_topic}"]
+        if self.security is not None:
+            lines += [f"kafka.{k}={v}" for k, v in self.kafka_config(CLIENT_USER).items() if k != "bootstrap.servers"]
+        self.env_file.touch(0o600)
+        self.env_file.chmod(0o600)
+        self.env_file.write_text("\n".join(lines) + "\n")
         return self.env_file
 
     # ---------------------------------------------------------------- IOC
@@ -211,6 +251,12 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_") or k.startswith("EPICS_K2EG_")}
         env.update(self.ioc.client_env())
         env["PYTHONUNBUFFERED"] = "1"
+        if self.security is not None:
+            # The environment, not argv: /proc/<pid>/environ is private to the owner, the command line is not.
+            login = "\n".join(f"{k}:{v}" for k, v in self.kafka_config(GATEWAY_USER).items()
+                               if k != "bootstrap.servers")
+            for name in ("EPICS_K2EG_PUB_IMPL_KV", "EPICS_K2EG_SUB_IMPL_KV"):
+                env[name] = login + (f"\n{env[name]}" if env.get(name) else "")  # the user's own lines win
         return env
 
     def gateway_command(self) -> list[str]:
@@ -288,6 +334,12 @@ class Stack:
             "env_dir": str(self.env_dir),
             "env_file": str(self.env_file),
             "client_env": self.client_env(),
+            "security": None if self.security is None else {
+                "protocol": self.security.protocol,
+                "mechanism": self.security.mechanism,
+                "ca": str(self.kafka.ca_path) if self.kafka and self.kafka.ca_path else None,
+                "users": [GATEWAY_USER, CLIENT_USER],  # passwords: in env_file and the gateway's environment only
+            },
             "kafka": {
                 "embedded": self.kafka is not None,
                 "bootstrap": self.bootstrap,
