@@ -134,8 +134,8 @@ class TopicAdmin:
         self.created: set[str] = set()
         self._lock = threading.Lock()
 
-    def ensure(self, topics: Iterable[str], timeout: float = 10.0) -> list[str]:
-        """Make sure ``topics`` exist; return those this call created."""
+    def ensure(self, topics: Iterable[str], timeout: float = 10.0, config: dict[str, str] | None = None) -> list[str]:
+        """Make sure ``topics`` exist (new ones with topic ``config``); return those this call created."""
         with self._lock:
             missing = [t for t in dict.fromkeys(topics) if t not in self._known]
         if not missing:
@@ -143,7 +143,8 @@ class TopicAdmin:
         made = []
         for start in range(0, len(missing), CREATE_CHUNK):
             futures = self._admin.create_topics(
-                [NewTopic(t, num_partitions=1, replication_factor=-1) for t in missing[start:start + CREATE_CHUNK]],
+                [NewTopic(t, num_partitions=1, replication_factor=-1, config=dict(config or {}))
+                 for t in missing[start:start + CREATE_CHUNK]],
                 operation_timeout=timeout, request_timeout=timeout)
             for topic, fut in futures.items():
                 try:

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from k2eg.client.errors import KafkaUnavailable
-from k2eg.client.transport import KafkaAuthenticationFailed
+from k2eg.client.errors import KafkaAuthenticationFailed
 from k2eg.dml import dml
 from k2eg.stack.runner import CLIENT_USER, GATEWAY_USER, Stack
 

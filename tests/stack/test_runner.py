@@ -5,7 +5,6 @@ The gateway is a stand-in script here (the real one has its own tests); Kafka is
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

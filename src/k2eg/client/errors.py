@@ -1,6 +1,8 @@
 """Exceptions user code catches; names and attributes as in k2eg 0.3.0."""
 from __future__ import annotations
 
+from k2eg.transport import KafkaAuthenticationError
+
 
 class OperationTimeout(Exception):
     """No reply arrived within the timeout."""
@@ -23,6 +25,10 @@ class MonitorNotActive(KeyError):
 
 class KafkaUnavailable(ConnectionError):
     """Kafka could not be reached or refused what the client needs; the message names broker and file."""
+
+
+class KafkaAuthenticationFailed(KafkaUnavailable, KafkaAuthenticationError):
+    """The broker refused this client's SASL login (``kafka.sasl.*`` keys of the environment file)."""
 
 
 class ClientClosed(RuntimeError):

@@ -32,16 +32,12 @@ from k2eg.protocol.codec import HEADER, decode
 from k2eg.transport import KafkaAccessError, KafkaAuthenticationError, KafkaWatch, TopicAdmin, await_metadata
 
 from .environment import Environment, EnvironmentConfigError
-from .errors import ClientClosed, KafkaUnavailable, OperationError
+from .errors import ClientClosed, KafkaAuthenticationFailed, KafkaUnavailable, OperationError
 
 log = logging.getLogger("k2eg.client")
 
 RecordSink = Callable[[dict], None]           # a reply-topic record for one reply_id
 TopicSink = Callable[[str, Any], None]        # (topic, decoded record) from a subscribed topic
-
-
-class KafkaAuthenticationFailed(KafkaUnavailable, KafkaAuthenticationError):
-    """The broker refused this client's SASL login (``kafka.sasl.*`` keys of the environment file)."""
 
 
 class KafkaLog(KafkaWatch):

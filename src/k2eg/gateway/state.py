@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import ConfigResource
 
 from k2eg.protocol import commands as C
 from k2eg.protocol.codec import HEADER, decode
 from k2eg.protocol.uri import PVUri
+from k2eg.transport import TopicAdmin
 
 from .options import Options
 
@@ -161,7 +162,7 @@ class StateStore:
         self.topic = opts.state_topic
         self._sub = {"bootstrap.servers": opts.sub_server_address, **opts.kv("sub")}
         pub = {"bootstrap.servers": opts.pub_server_address, **opts.kv("pub")}
-        self._admin = AdminClient(pub)
+        self._admin = TopicAdmin(pub)
         # Its own producer: state records need tombstones (null values), no k2eg header, and acks from all replicas.
         self._producer = Producer({**pub, "acks": "all", "linger.ms": 0})
         self._group = f"{opts.sub_group_id}-state-{uuid.uuid4().hex[:8]}"   # assign only: never joins or commits
@@ -173,19 +174,12 @@ class StateStore:
 
     def ensure_topic(self, timeout: float = 30.0) -> None:
         """Create the state topic compacted; an existing one that is not compacted is only warned about."""
-        fut = self._admin.create_topics([NewTopic(self.topic, num_partitions=1, replication_factor=-1,
-                                                  config={"cleanup.policy": "compact"})],
-                                        operation_timeout=timeout, request_timeout=timeout)[self.topic]
-        try:
-            fut.result(timeout)
+        if self._admin.ensure([self.topic], timeout, config={"cleanup.policy": "compact"}):
             log.info("created state topic %s (compacted)", self.topic)
             return
-        except KafkaException as e:
-            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
         try:
             res = ConfigResource(ConfigResource.Type.TOPIC, self.topic)
-            configs = self._admin.describe_configs([res], request_timeout=timeout)[res].result(timeout)
+            configs = self._admin.client.describe_configs([res], request_timeout=timeout)[res].result(timeout)
             policy = configs.get("cleanup.policy")
             if policy is not None and "compact" not in policy.value:
                 log.warning("state topic %s has cleanup.policy=%s, not compact: stopped monitors' records "

@@ -13,10 +13,9 @@ import threading
 import time
 from typing import Callable
 
-from confluent_kafka.admin import NewTopic
-
 from k2eg.protocol.commands import Serialization
 from k2eg.protocol.uri import gateway_status_topic
+from k2eg.transport import TopicAdmin
 
 log = logging.getLogger("k2eg.gateway.status")
 
@@ -63,7 +62,7 @@ class RateMeter:
 class StatusBeacon:
     """Publishes a summary of ``status()`` every ``interval`` seconds, and a last one saying 'stopped'."""
 
-    def __init__(self, status: Callable[[], dict], publish: Callable[..., None], admin, cmd_topic: str,
+    def __init__(self, status: Callable[[], dict], publish: Callable[..., None], admin: TopicAdmin, cmd_topic: str,
                  gateway_id: str, interval: float = BEACON_INTERVAL_S):
         self.topic = gateway_status_topic(cmd_topic)
         self._status = status
@@ -78,16 +77,6 @@ class StatusBeacon:
         self._thread.start()
         return self
 
-    def _create_topic(self) -> None:
-        fut = self._admin.create_topics([NewTopic(self.topic, num_partitions=1, replication_factor=-1,
-                                                  config={"retention.ms": str(BEACON_RETENTION_MS)})],
-                                        operation_timeout=10, request_timeout=10)[self.topic]
-        try:
-            fut.result(15)
-        except Exception as e:
-            if "TOPIC_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
-                raise
-
     def _send(self, state: str) -> None:
         doc = self._status()
         doc["state"] = state
@@ -99,7 +88,7 @@ class StatusBeacon:
         while not self._stop.is_set():
             try:
                 if not ready:
-                    self._create_topic()
+                    self._admin.ensure([self.topic], config={"retention.ms": str(BEACON_RETENTION_MS)})
                     ready = True
                 self._send("running")
             except Exception as e:  # Kafka away: the next beat tries again; never fatal
