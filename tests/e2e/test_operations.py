@@ -93,6 +93,28 @@ def test_metrics_move_with_real_traffic(ops_gateway, ops_client):
     assert metric(after, "k2eg_pvs_total") >= 1 and metric(after, "k2eg_produce_latency_seconds_count") > 0
 
 
+def test_snapshot_iterations_are_counted_and_timed(ops_gateway, ops_client):
+    from k2eg.broker import SnapshotProperties
+
+    port = ops_gateway["port"]
+    before = scrape(port)
+    iterations = []
+    with ops_client("ops-snap") as k:
+        k.snapshot_recurring(SnapshotProperties(snapshot_name="ops_metrics_snap", time_window=200,
+                                                pv_uri_list=["pva://channel:counter", "ca://bulk:001"]),
+                             lambda _name, data: iterations.append(data), timeout=10)
+        deadline = time.monotonic() + 15
+        while len(iterations) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        k.snapshot_stop("ops_metrics_snap", timeout=10)
+    after = scrape(port)
+    assert len(iterations) >= 3
+    done = metric(after, "k2eg_snapshot_iterations_total") - metric(before, "k2eg_snapshot_iterations_total")
+    timed = (metric(after, "k2eg_snapshot_iteration_seconds_count")
+             - metric(before, "k2eg_snapshot_iteration_seconds_count"))
+    assert done >= 3 and timed == done
+
+
 def test_denied_put_names_the_rule_and_leaves_the_pv_unchanged(ops_gateway, ops_client, k):
     before = k.get("ca://variable:b", timeout=10)["value"]
     with ops_client("ops-writer") as w:

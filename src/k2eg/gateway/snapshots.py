@@ -512,6 +512,7 @@ class SnapshotManager:
         self.running: dict[str, Repeating] = {}
         self.lock = threading.Lock()
         self.iterations = 0
+        self.on_iteration: Callable[[float], None] | None = None   # seconds from Header to Tail (metrics)
         self.state = state                  # where running snapshots are kept across restarts, if anywhere
 
     # -- one-shot
@@ -546,10 +547,18 @@ class SnapshotManager:
             log.exception("cannot record snapshot state")
 
     def _publisher(self, cmd: C.RepeatingSnapshot) -> Callable[[str, str, dict, str | None], None]:
+        began = time.monotonic()   # one snapshot publishes from its own thread: no lock needed
+
         def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
+            nonlocal began
+            kind = record.get("message_type")
+            if kind == replies.HEADER:
+                began = time.monotonic()
             self.publish_record(t, key, record, cmd.serialization, value_key)
-            if record.get("message_type") == replies.TAIL:
+            if kind == replies.TAIL:
                 self.iterations += 1
+                if self.on_iteration is not None:
+                    self.on_iteration(time.monotonic() - began)
         return publish
 
     def start(self, cmd: C.RepeatingSnapshot) -> None:
