@@ -41,12 +41,17 @@ def _wrap(cls, proto: str) -> None:
     cls.monitor = monitor
 
 
+def _queue_depth(io) -> int:
+    """Records the gateway has not had acknowledged (one producer before the reply/event split, --src A/B)."""
+    return io.queue_depth() if hasattr(io, "queue_depth") else len(io.producer)
+
+
 def _dumper() -> None:
     while True:
         time.sleep(0.05)
         if os.path.exists("bench-probe.req"):
             doc = {k: {"count": c, "sum": s, "last": last} for k, (c, s, last) in list(STATS.items())}
-            doc["_producer_queue"] = len(KAFKA[0].producer) if KAFKA else -1  # records not yet acknowledged
+            doc["_producer_queue"] = _queue_depth(KAFKA[0]) if KAFKA else -1  # records not yet acknowledged
             if tracemalloc.is_tracing():
                 snap = tracemalloc.take_snapshot()
                 doc["_python_heap_mb"] = round(sum(s.size for s in snap.statistics("filename")) / 2**20, 1)

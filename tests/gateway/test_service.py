@@ -84,6 +84,7 @@ class FakeIO:
         self.admin = FakeAdmin(self.log)
         self.refuse = refuse
         self.dropped = 0
+        self.published = 0
 
     def ensure_topics(self, topics):
         bad = [t for t in topics if t in self.refuse]
@@ -96,6 +97,8 @@ class FakeIO:
 
     def publish_bytes(self, topic, key, data, ser):
         self.log.append(("publish", topic, key, decode(data, ser.header)))
+
+    publish_event = publish_bytes  # monitor events: the same record in this fake
 
     def replies(self, topic):
         return [e[3] for e in self.log if e[0] == "publish" and e[1] == topic]

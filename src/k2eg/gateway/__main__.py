@@ -5,7 +5,6 @@ import json
 import logging
 import signal
 import sys
-import time
 
 from . import options as O
 
@@ -50,16 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts.log_level, opts.log_format)
     for warning in opts.warnings:
         log.warning("%s", warning)
+    from k2eg.transport import KafkaAccessError, check_credentials
+    try:  # a wrong password or no broker: one clear message and exit 1, not endless retries
+        check_credentials({"bootstrap.servers": opts.pub_server_address, **opts.kv("pub")},
+                          {"bootstrap.servers": opts.sub_server_address, **opts.kv("sub")})
+    except KafkaAccessError as e:
+        print(f"k2eg-gateway: {e}", file=sys.stderr, flush=True)
+        return 1
 
     from .epics.ca import CAProvider
     from .epics.pva import PVAProvider
     from .kafka import KafkaIO
     from .service import Gateway
+    from .state import StateStore
 
     io = KafkaIO(opts)
+    state = StateStore(opts)
     providers = {"pva": PVAProvider(), "ca": CAProvider()}
     try:
-        gw = Gateway(opts, io, providers)
+        gw = Gateway(opts, io, providers, state)
     except ValueError as e:  # e.g. an unreadable access rules file: refuse to start
         print(f"k2eg-gateway: {e}", file=sys.stderr)
         return 2
@@ -69,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = Metrics(gw.metrics, io.assigned.is_set)
         io.latency = metrics.produce_latency
+        gw.snapshots.on_iteration = metrics.snapshot_iteration.observe
         metrics.serve(opts.metric_server_http_port)
+    from .status import StatusBeacon
+
+    beacon = StatusBeacon(lambda: gw.status(detail=False), io.publish, io.admin, opts.cmd_input_topic,
+                          gw.identity["id"]).start()
     stopping = False
 
     def _stop(signum, frame):
@@ -81,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     announced = False
     try:
+        # Monitors and snapshots of the previous run resume before any command is served.
+        gw.resume(state.load(lambda: stopping))
+        gw.start_expiry()
         for raw in io.commands():
             if raw is not None:
                 gw.handle(raw)
@@ -90,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"k2eg gateway ready: consuming {opts.cmd_input_topic}", file=sys.stderr, flush=True)
     finally:
         log.info("stopping")
+        beacon.stop()
         if metrics is not None:
             metrics.close()
         gw.close()
+        state.close()
         io.stop()
         for p in providers.values():
             try:

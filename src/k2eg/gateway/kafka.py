@@ -1,7 +1,9 @@
-"""The gateway's Kafka adapter: command consumer, publisher, topic admin.
+"""The gateway's Kafka adapter: command consumer, publishers, topic admin.
 
-It turns Kafka into two calls for the rest of the gateway: an iterator of
-raw command payloads and ``publish(topic, key, record)``.
+It turns Kafka into calls for the rest of the gateway: an iterator of raw
+command payloads, ``publish``/``publish_bytes`` for records that must not be
+lost (replies, snapshots) and ``publish_event`` for monitor events, where
+under overload the newest value of each PV matters more than every value.
 """
 from __future__ import annotations
 
@@ -21,32 +23,119 @@ from .options import Options
 
 log = logging.getLogger("k2eg.gateway.kafka")
 
+# Event producers: librdkafka finds a topic by a linear search on every produce()
+# (37 us at 10k topics in one producer, 2 us at 1000: bench/EXPERIMENTS.md), so
+# each producer takes this many topics, in order of first use; a few topics stay
+# in one producer, whose requests then carry them all (the broker's cost is per request).
+TOPICS_PER_PRODUCER = 1000
+MAX_EVENT_PRODUCERS = 16  # beyond 16k topics they are shared round-robin
+REPLY_BLOCK_S = 10.0      # longest a reply or snapshot record waits for queue space (worker thread)
+POLL_S = 0.05             # poll thread period: delivery reports and side-table retries
+LOG_EVERY_S = 10.0        # at most one log line per kind of loss per this many seconds
+
+_COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
+           # Long enough to ride out a broker restart from the local queue (issue 7).
+           "message.timeout.ms": 300_000,
+           "log.connection.close": False}  # a broker going away is reported once, by error_cb
+# Replies: one command waits for each, so no lingering.
+_REPLY = {"linger.ms": 0, "socket.nagle.disable": True,
+          "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
+# Monitor events: throughput (the broker's CPU per record falls with fuller requests:
+# bench/EXPERIMENTS.md); only failures come back as delivery reports. Queue bounds are
+# per producer: the first one carries floods of a few PVs, the others 1000 topics each
+# (10 s of 1 Hz updates), so that 10k PVs stay near 500 MB when Kafka cannot keep up.
+_EVENT = {"linger.ms": 50, "batch.num.messages": 10_000, "batch.size": 4 << 20, "compression.type": "none",
+          "queue.buffering.max.messages": 50_000, "queue.buffering.max.kbytes": 64 * 1024,
+          "delivery.report.only.error": True}
+_EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbytes": 16 * 1024}
+
+
+class _Throttle:
+    """Counts occurrences and says when one more log line is due (no log line per event)."""
+
+    def __init__(self, every: float = LOG_EVERY_S):
+        self.every, self.last, self.unlogged = every, 0.0, 0
+
+    def due(self) -> int:
+        """0 if this occurrence stays unlogged, else how many (itself included) the line covers."""
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return 0
+        n, self.unlogged, self.last = self.unlogged, 0, now
+        return n
+
+
+class _OnePerFacility(logging.Filter):
+    """librdkafka logs each reconnect attempt of each client: one line per facility per LOG_EVERY_S."""
+
+    def __init__(self):
+        super().__init__()
+        self._throttles: dict[str, _Throttle] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fac = record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
+        return bool(self._throttles.setdefault(str(fac), _Throttle()).due())
+
+
+_rdkafka_log = logging.getLogger("k2eg.gateway.rdkafka")  # every client's librdkafka log, via poll()
+_rdkafka_log.addFilter(_OnePerFacility())
+
 
 class KafkaIO:
-    def __init__(self, opts: Options, on_delivery_error: Callable[[str], None] | None = None):
-        pub = {"bootstrap.servers": opts.pub_server_address, "linger.ms": 2,
-               "queue.buffering.max.messages": 500_000, "queue.buffering.max.kbytes": 512 * 1024,
-               "message.max.bytes": 16 << 20, "enable.idempotence": False}
-        pub.update(opts.kv("pub"))
+    def __init__(self, opts: Options, on_delivery_error: Callable[[str], None] | None = None,
+                 topics_per_producer: int = TOPICS_PER_PRODUCER):
+        common = {"bootstrap.servers": opts.pub_server_address, **_COMMON, "error_cb": self._on_kafka_error,
+                  "logger": _rdkafka_log}
+        operator = opts.kv("pub")   # operators' --pub-impl-kv apply to every producer
+        self.replies = Producer({**common, **_REPLY, **operator})
+        self._event_conf = {**common, **_EVENT, "on_delivery": self._event_failed, **operator}
+        self._more_conf = {**self._event_conf, **_EVENT_MORE, **operator}
+        self.events = [Producer(self._event_conf)]   # more as topics come (_shard)
+        self._route: dict[str, Producer] = {}          # topic -> its event producer, fixed (keeps order)
+        self._route_lock = threading.Lock()
+        self._topics_per_producer = topics_per_producer
         sub = {"bootstrap.servers": opts.sub_server_address, "group.id": opts.sub_group_id,
                "auto.offset.reset": "latest", "enable.auto.commit": True, "auto.commit.interval.ms": 1000,
-               "fetch.wait.max.ms": 10, "session.timeout.ms": 10_000, "heartbeat.interval.ms": 1000}
+               "fetch.wait.max.ms": 10, "session.timeout.ms": 10_000, "heartbeat.interval.ms": 1000,
+               "logger": _rdkafka_log}
         sub.update(opts.kv("sub"))
         self.cmd_topic = opts.cmd_input_topic
-        self.producer = Producer(pub)
-        self.admin = TopicAdmin({k: v for k, v in pub.items() if not k.startswith(("linger", "queue.", "enable.idem"))})
+        admin = {"bootstrap.servers": opts.pub_server_address, **operator}
+        self.admin = TopicAdmin({k: v for k, v in admin.items() if not k.startswith(("linger", "queue.", "enable.idem",
+                                                                                     "batch.", "compression",
+                                                                                     "delivery.report"))})
         self._sub_config = sub
         self.consumer: Consumer | None = None
         self.assigned = threading.Event()
-        self.dropped = 0
+        self.dropped = 0          # records lost for any reason (metrics, status)
+        self.coalesced = 0        # monitor events replaced by a newer value of the same PV while Kafka lagged
+        self.delivery_failed = 0  # records librdkafka gave up on (e.g. broker away beyond message.timeout.ms)
         self.published = 0        # records and bytes handed to librdkafka (metrics)
         self.published_bytes = 0
-        self.latency = None       # a prometheus Histogram when metrics are on
+        self.latency = None       # a prometheus Histogram when metrics are on (replies and snapshots)
+        # Monitor events librdkafka had no room for: newest per (topic, key), retried by the poll
+        # thread in first-come order. Bounded by the number of monitored (topic, PV) pairs.
+        self._pending: dict[tuple[str, object], tuple[bytes, Serialization]] = {}
+        self._pending_lock = threading.Lock()
+        self._throttles: dict[str, _Throttle] = {}
         self._on_delivery_error = on_delivery_error
         self._running = True
         self._running_consumer = True
         self._poller = threading.Thread(target=self._poll_loop, name="k2eg-producer-poll", daemon=True)
         self._poller.start()
+
+    @property
+    def producers(self) -> list[Producer]:
+        return [self.replies, *self.events]
+
+    def queue_depth(self) -> int:
+        """Records not yet acknowledged by the broker, including those waiting in the side table."""
+        return sum(len(p) for p in self.producers) + len(self._pending)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     # ------------------------------------------------------------------ topics
     def ensure_topics(self, topics: list[str]) -> list[str]:
@@ -64,38 +153,153 @@ class KafkaIO:
                                 f"cannot create topic {', '.join(topics)[:300]}: {err.str()}") from None
 
     # ------------------------------------------------------------------ publish
-    def _delivery(self, err, msg) -> None:
+    def _warn(self, kind: str, fmt: str, *args, level: int = logging.ERROR) -> None:
+        """Rate-limited log of one kind of loss or fault."""
+        n = self._throttles.setdefault(kind, _Throttle()).due()
+        if n:
+            log.log(level, fmt + " (%d such in the last %g s; records lost so far: %d)",
+                    *args, n, LOG_EVERY_S, self.dropped)
+
+    def _on_kafka_error(self, err) -> None:
+        """librdkafka's producer-level errors (broker down, resolution, auth); records wait in the queue."""
+        self._warn(f"kafka-{err.code()}", "Kafka producer: %s", err.str(), level=logging.WARNING)
+
+    def _lost(self, topic: str) -> None:
+        self.dropped += 1
+        if self._on_delivery_error:
+            self._on_delivery_error(topic)
+
+    def _delivered(self, err, msg) -> None:
+        """Per-record report of replies and snapshot records: latency, or a loss said out loud."""
         if err is None:
             if self.latency is not None:
                 self.latency.observe(msg.latency() or 0.0)
             return
-        if err is not None:
-            self.dropped += 1
-            log.error("record to %s lost: %s", msg.topic(), err)
-            if self._on_delivery_error:
-                self._on_delivery_error(msg.topic())
+        self.delivery_failed += 1
+        self._lost(msg.topic())
+        log.error("record to %s lost: %s", msg.topic(), err)
+
+    def _event_failed(self, err, msg) -> None:
+        """Event producers report failures only (``delivery.report.only.error``)."""
+        if err is None:
+            return
+        self.delivery_failed += 1
+        self._lost(msg.topic())
+        self._warn("event-delivery", "monitor event to %s lost: %s", msg.topic(), err)
 
     def _poll_loop(self) -> None:
         while self._running:
-            self.producer.poll(0.1)
+            for p in self.events:
+                p.poll(0)
+            self.replies.poll(POLL_S)
+            if self._pending:
+                self._retry_pending()
+
+    def _shard(self, topic: str) -> Producer:
+        p = self._route.get(topic)
+        return p if p is not None else self._assign(topic)
+
+    def _assign(self, topic: str) -> Producer:
+        """A topic's first event: the newest producer, or a new one when that one has its share."""
+        with self._route_lock:
+            p = self._route.get(topic)
+            if p is None:
+                n, events = len(self._route), self.events
+                if n < len(events) * self._topics_per_producer:
+                    p = events[-1]
+                elif len(events) < MAX_EVENT_PRODUCERS:
+                    p = Producer(self._more_conf)
+                    events.append(p)
+                    log.info("event producer %d for topics beyond %d", len(events), n)
+                else:
+                    p = events[n % len(events)]
+                self._route[topic] = p
+            return p
 
     def publish(self, topic: str, key: str | bytes | None, record: dict,
                 ser: Serialization = Serialization.MSGPACK, value_key: str | None = None) -> None:
         self.publish_bytes(topic, key, encode(record, ser, value_key), ser)
 
     def publish_bytes(self, topic: str, key, payload: bytes, ser: Serialization) -> None:
-        headers = header_value(ser)
-        for attempt in range(200):
+        """A record that must not be lost nor replaced (reply, snapshot): waits, bounded, for queue space.
+
+        Runs on a worker thread; the poll thread frees the space.
+        """
+        deadline = time.monotonic() + REPLY_BLOCK_S
+        while True:
             try:
-                self.producer.produce(topic, payload, key, headers=headers, on_delivery=self._delivery)
+                self.replies.produce(topic, payload, key, headers=header_value(ser), on_delivery=self._delivered)
+            except BufferError:
+                if time.monotonic() < deadline and self._running:
+                    time.sleep(0.01)
+                    continue
+                self._lost(topic)
+                log.error("producer queue full for %g s: record to %s dropped", REPLY_BLOCK_S, topic)
+                return
+            self.published += 1
+            self.published_bytes += len(payload)
+            return
+
+    def publish_event(self, topic: str, key, payload: bytes, ser: Serialization) -> None:
+        """A monitor event; never blocks the EPICS callback thread.
+
+        When librdkafka has no room, only the newest event per (topic, key) waits in the
+        side table; each one it replaces is counted as dropped ("coalesced"). While the
+        side table holds anything, new events go there too, so no PV's values overtake
+        each other.
+        """
+        if not self._pending:
+            try:
+                self._shard(topic).produce(topic, payload, key, headers=header_value(ser))
+            except BufferError:
+                pass
+            except KafkaException as e:  # e.g. a record above message.max.bytes: this event only
+                self._lost(topic)
+                self._warn("event-refused", "monitor event to %s refused: %s", topic, e)
+                return
+            else:
                 self.published += 1
                 self.published_bytes += len(payload)
                 return
-            except BufferError:
-                # Local queue full: give librdkafka a moment to drain, bounded.
-                self.producer.poll(0.05)
-        self.dropped += 1
-        log.error("producer queue full for 10 s: record to %s dropped", topic)
+        with self._pending_lock:
+            replaced = self._pending.get((topic, key))
+            self._pending[(topic, key)] = (payload, ser)
+        if replaced is not None:
+            self.coalesced += 1
+            self._lost(topic)
+            self._warn("coalesced", "Kafka is not keeping up: older monitor events replaced by newer ones, "
+                                    "e.g. %s on %s", key, topic)
+
+    def _retry_pending(self, chunk: int = 1000) -> None:
+        """Poll thread: move side-table events into producers that have room again, oldest first.
+
+        The lock is let go between chunks so EPICS callbacks queueing behind it wait little.
+        """
+        full: set[int] = set()
+        with self._pending_lock:
+            keys = list(self._pending)
+        for i in range(0, len(keys), chunk):
+            if len(full) == len(self.events):
+                return
+            with self._pending_lock:
+                for topic, key in keys[i:i + chunk]:
+                    item = self._pending.get((topic, key))
+                    p = self._shard(topic)
+                    if item is None or id(p) in full:
+                        continue
+                    payload, ser = item
+                    try:
+                        p.produce(topic, payload, key, headers=header_value(ser))
+                    except BufferError:
+                        full.add(id(p))
+                        continue
+                    except KafkaException as e:
+                        self._lost(topic)
+                        self._warn("event-refused", "monitor event to %s refused: %s", topic, e)
+                    else:
+                        self.published += 1
+                        self.published_bytes += len(payload)
+                    del self._pending[(topic, key)]
 
     # ------------------------------------------------------------------ commands
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -142,9 +346,14 @@ class KafkaIO:
         self._running_consumer = False
 
     def stop(self, flush_timeout: float = 5.0) -> None:
-        """Flush and stop the producer; call after the command loop has ended."""
+        """Flush and stop the producers; call after the command loop has ended."""
         self._running = False
-        left = self.producer.flush(flush_timeout)
+        self._poller.join(1.0)
+        deadline = time.monotonic() + flush_timeout
+        if self._pending:
+            self._retry_pending()
+        left = len(self._pending)
+        for p in self.producers:
+            left += p.flush(max(0.0, deadline - time.monotonic()))
         if left:
             log.error("%d records not delivered at shutdown", left)
-        self._poller.join(1.0)

@@ -33,10 +33,28 @@ class _Collector:
         for (kind, outcome), n in sorted(s.get("operations", {}).items()):
             e.add_metric([kind, outcome], n)
         yield e
-        for name in ("events_published", "bytes_published", "events_dropped", "puts_denied", "snapshot_iterations"):
-            yield CounterMetricFamily(f"k2eg_{name}", name.replace("_", " "), value=s.get(name, 0))
-        for name in ("pvs_total", "pvs_connected", "producer_queue_depth", "repeating_snapshots"):
-            yield GaugeMetricFamily(f"k2eg_{name}", name.replace("_", " "), value=s.get(name, 0))
+        for name, text in _COUNTERS.items():
+            yield CounterMetricFamily(f"k2eg_{name}", text, value=s.get(name, 0))
+        for name, text in _GAUGES.items():
+            yield GaugeMetricFamily(f"k2eg_{name}", text, value=s.get(name, 0))
+
+
+_COUNTERS = {
+    "events_published": "Records handed to Kafka (events, replies, snapshots)",
+    "bytes_published": "Bytes handed to Kafka",
+    "events_dropped": "Records lost: coalesced events, delivery failures, refused records",
+    "events_coalesced": "Monitor events replaced by a newer value of the same PV while Kafka lagged",
+    "delivery_failures": "Records Kafka did not acknowledge within message.timeout.ms",
+    "puts_denied": "Puts refused by the access rules",
+    "snapshot_iterations": "Repeating snapshot iterations",
+}
+_GAUGES = {
+    "pvs_total": "PVs subscribed",
+    "pvs_connected": "PVs connected",
+    "producer_queue_depth": "Records not yet acknowledged by Kafka (producer queues and side table)",
+    "producer_pending_events": "Monitor events waiting for producer queue space, newest per PV",
+    "repeating_snapshots": "Repeating snapshots running",
+}
 
 
 class Metrics:

@@ -15,14 +15,17 @@ from typing import Any, Callable
 from k2eg.protocol import commands as C
 from k2eg.protocol import replies
 from k2eg.protocol.errors import ErrorCode, ProtocolError
-from k2eg.protocol.uri import PVUri
+from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .epics.base import Provider, connect_timeout
+from .expiry import Destinations, ExpiryChecker
 from .kafka import KafkaIO
 from .monitors import MonitorHub
 from .access import PutPolicy, app_of
 from .options import Options
 from .snapshots import SnapshotManager
+from .state import MonitorState, SnapshotState, State, StateStore, monitor_key
+from .status import RateMeter, gateway_identity
 
 log = logging.getLogger("k2eg.gateway")
 
@@ -30,7 +33,7 @@ STATUS_MONITORS = 2000  # monitors listed in a status reply: keeps it far below 
 
 
 class Gateway:
-    def __init__(self, opts: Options, io: KafkaIO, providers: dict[str, Provider]):
+    def __init__(self, opts: Options, io: KafkaIO, providers: dict[str, Provider], state: StateStore | None = None):
         self.opts = opts
         self.io = io
         self.providers = providers
@@ -42,8 +45,14 @@ class Gateway:
         self.puts_denied = 0
         self.policy = PutPolicy.from_options(opts.access_rules, opts.read_only)
         self.started = time.time()
+        self.identity = gateway_identity(opts.cmd_input_topic)
+        self.rates = RateMeter()
         self._lock = threading.Lock()
-        self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read, self.io.ensure_topics)
+        self.state = state                      # None: nothing survives a restart (unit tests)
+        self.destinations = Destinations()      # monitor destination topics, for expiry
+        self.expiry: ExpiryChecker | None = None
+        self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read, self.io.ensure_topics,
+                                         state=state)
         self.handlers: dict[type, Callable[[Any], None]] = {
             C.Get: self.on_get, C.Put: self.on_put, C.Info: self.on_info,
             C.Monitor: self.on_monitor, C.MultiMonitor: self.on_multi_monitor,
@@ -54,7 +63,8 @@ class Gateway:
 
     # ------------------------------------------------------------- plumbing
     def _publish_bytes(self, topic: str, key: str, data: bytes, ser: C.Serialization) -> None:
-        self.io.publish_bytes(topic, key, data, ser)
+        """Monitor events: never block the EPICS callback; under overload the newest value per PV wins."""
+        self.io.publish_event(topic, key, data, ser)
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -155,7 +165,9 @@ class Gateway:
         return {
             "commands": commands, "operations": operations, "puts_denied": denied,
             "events_published": self.io.published, "bytes_published": self.io.published_bytes,
-            "events_dropped": self.io.dropped, "producer_queue_depth": len(self.io.producer),
+            "events_dropped": self.io.dropped, "events_coalesced": self.io.coalesced,
+            "delivery_failures": self.io.delivery_failed, "producer_queue_depth": self.io.queue_depth(),
+            "producer_pending_events": self.io.pending,
             "pvs_total": len(channels), "pvs_connected": sum(1 for ch in channels if ch.connected),
             "snapshot_iterations": getattr(self.snapshots, "iterations", 0),
             "repeating_snapshots": len(getattr(self.snapshots, "running", {})),
@@ -190,58 +202,167 @@ class Gateway:
         info = self.provider(cmd.pv).info(cmd.pv.name, self.timeout)
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, info), cmd.pv.uri)
 
-    def _subscribe(self, pairs: list[tuple[PVUri, str]], ser: C.Serialization) -> list[PVUri]:
+    def _subscribe(self, cmd: C.Monitor | C.MultiMonitor, pairs: list[tuple[PVUri, str]]) -> list[PVUri]:
         """Subscribe every (pv, topic); return the PVs that sent no value within one connection timeout."""
-        self.io.ensure_topics(list(dict.fromkeys(t for _, t in pairs)))
-        chans = [(pv, self.hub.add_destination(pv, topic, ser), topic) for pv, topic in pairs]
+        ser = cmd.serialization
+        topics = list(dict.fromkeys(t for _, t in pairs))
+        # Under the expiry lock: an expiry in progress may be deleting one of these topics; it finishes first.
+        with self.destinations.lock:
+            made = set(self.io.ensure_topics(topics))
+            chans = []
+            for pv, topic in pairs:
+                chans.append((pv, self.hub.add_destination(pv, topic, ser), topic))
+                # Only a topic created for this monitor may ever be deleted; a reply topic never.
+                self.destinations.add(topic, pv, created=topic in made and topic != cmd.reply_topic)
         deadline = time.monotonic() + self.timeout  # one timeout for all, not one per PV
         failed = []
         for pv, ch, topic in chans:
             if not ch.first_value.wait(max(0.0, deadline - time.monotonic())):
-                self.hub.remove_destination(pv, topic)
+                with self.destinations.lock:
+                    self.hub.remove_destination(pv, topic)
+                    self.destinations.discard(topic, pv)
                 failed.append(pv)
+        self._remember_monitors([(pv, t) for pv, t in pairs if pv not in failed], ser)
         return failed
 
+    def _remember_monitors(self, pairs: list[tuple[PVUri, str]], ser: C.Serialization) -> None:
+        """Record active monitors in the state topic; a failure costs the restart, never the command."""
+        if self.state is None or not pairs:
+            return
+        items = []
+        for pv, topic in pairs:
+            d = self.destinations.get(topic)
+            items.append(MonitorState(C.Monitor(pv=pv, destination=topic, serialization=ser),
+                                      created_topic=d is not None and d.created))
+        try:
+            self.state.write(items=items)
+        except Exception:
+            log.exception("cannot record %d monitors in the state topic", len(items))
+
     def on_monitor(self, cmd: C.Monitor) -> None:
-        if self._subscribe([(cmd.pv, cmd.destination)], cmd.serialization):
+        if self._subscribe(cmd, [(cmd.pv, cmd.destination)]):
             raise connect_timeout(cmd.pv.name, self.timeout)
         self.reply(cmd, replies.ok(cmd.reply_id, f"monitor of {cmd.pv.uri} active on {cmd.destination}"), cmd.pv.uri)
 
     def on_multi_monitor(self, cmd: C.MultiMonitor) -> None:
-        failed = self._subscribe([(pv, pv.topic) for pv in cmd.pvs], cmd.serialization)
+        failed = self._subscribe(cmd, [(pv, pv.topic) for pv in cmd.pvs])
         if failed:
             names = ", ".join(pv.uri for pv in failed[:20]) + (", ..." if len(failed) > 20 else "")
             raise ProtocolError(ErrorCode.TIMEOUT, f"{len(failed)} of {len(cmd.pvs)} PVs did not connect within "
                                                    f"{self.timeout:g} s: {names}; the others are monitored")
         self.reply(cmd, replies.ok(cmd.reply_id, f"monitor of {len(cmd.pvs)} PVs active"), self._key(cmd))
 
+    # ------------------------------------------------------------- restart and expiry
+    def resume(self, states: list[State]) -> None:
+        """Resume what the state topic kept (before serving): no replies, no waiting for PVs, one
+        subscription per PV as for live commands. One that cannot be resumed is logged and skipped."""
+        monitors = [s for s in states if isinstance(s, MonitorState)]
+        if monitors:
+            topics = list(dict.fromkeys(m.command.destination for m in monitors))
+            try:
+                self.io.ensure_topics(topics)
+            except ProtocolError as e:
+                log.error("cannot create the destinations of resumed monitors: %s", e.message)
+            # Only the recorded flag counts: a topic recreated now may have been somebody's reply topic.
+            with self.destinations.lock:
+                for m in monitors:
+                    cmd = m.command
+                    try:
+                        self.hub.add_destination(cmd.pv, cmd.destination, cmd.serialization)
+                    except Exception:
+                        log.exception("cannot resume the monitor of %s on %s", cmd.pv, cmd.destination)
+                        continue
+                    self.destinations.add(cmd.destination, cmd.pv, created=m.created_topic)
+        snapshots = [s.command for s in states if isinstance(s, SnapshotState)]
+        for cmd in snapshots:
+            last = self.state.last_iteration(snapshot_topic(cmd.snapshot_name)) if self.state else 0
+            try:
+                self.snapshots.resume(cmd, last)
+            except Exception:
+                log.exception("cannot resume snapshot %s", cmd.snapshot_name)
+        if states:
+            log.info("resumed %d monitor destinations and %d repeating snapshots", len(monitors), len(snapshots))
+
+    @property
+    def expiry_timeout(self) -> float:
+        return float(self.opts.nc_monitor_expiration_timeout)
+
+    def start_expiry(self) -> ExpiryChecker:
+        """The thread that stops monitors nobody consumes (PROTOCOL 6)."""
+        self.expiry = ExpiryChecker(self.io.admin.client, self.destinations, self.expiry_timeout, self.expire,
+                                    self.opts.nc_monitor_consumer_filterout_regex).start()
+        return self.expiry
+
+    def expire(self, topic: str) -> None:
+        """Stop every monitor feeding ``topic``; delete the topic if it was created for them and purging is on."""
+        with self.destinations.lock:
+            d = self.destinations.take_expired(topic, self.expiry_timeout)
+            if d is None:
+                return
+            for pv in d.pvs:
+                self.hub.remove_destination(pv, topic)
+            if self.state is not None:
+                try:
+                    self.state.write(removed=[monitor_key(pv, topic) for pv in d.pvs])
+                except Exception:
+                    log.exception("cannot record the expiry of %s in the state topic", topic)
+            purge = d.created and self.opts.nc_purge_queue_on_exp_timeout
+            if purge:
+                try:
+                    self.io.admin.delete(topic)
+                except Exception as e:
+                    log.warning("cannot delete expired monitor topic %s: %s", topic, e)
+        log.info("monitor of %d PVs on %s expired: no consumer for %g s%s", len(d.pvs), topic, self.expiry_timeout,
+                 "; topic deleted" if purge else "")
+
     def on_status(self, cmd: C.Status) -> None:
         self.reply(cmd, replies.status(cmd.reply_id, self.status()), replies.STATUS_KEY)
 
-    def status(self) -> dict:
-        """ext: what this gateway is doing, for operators and tests (one subscription per PV is visible here)."""
+    def status(self, detail: bool = True) -> dict:
+        """ext: what this gateway is doing, for operators and tests (one subscription per PV is visible here).
+
+        ``detail=False`` is the beacon's summary: no per-monitor list, so it stays small at 10k PVs.
+        """
         with self._lock:
             counters = dict(self.counters)
-        monitors = []
         channels = self.hub.channels()
-        for ch in channels[:STATUS_MONITORS]:
-            with ch.lock:
-                dests = {t: s.value for t, s in ch.destinations.items()}
-            monitors.append({"pv": ch.pv.uri, "connected": ch.connected, "events": ch.events,
-                             "destinations": dests, "snapshot_taps": len(ch.taps),
-                             "subscriptions_opened": self.hub.opened.get(ch.pv, 0)})
-        return {
+        with self.snapshots.lock:
+            snaps = list(self.snapshots.running.values())
+        counts = {ch.pv.uri: ch.events for ch in channels}
+        counts["*published"], counts["*commands"] = self.io.published, counters["received"]
+        rates = self.rates.sample(counts)
+        doc = {
+            "gateway": {**self.identity, "uptime_s": round(time.time() - self.started, 3)},
             "uptime_s": round(time.time() - self.started, 3),
             "pv_connection_timeout_s": self.timeout,
             "commands": counters,
             "subscriptions": {"active": len(channels), "opened": sum(self.hub.opened.values())},
-            "monitors": monitors,
-            "topics_created": sorted(self.io.admin.created),
+            "pvs": {"total": len(channels), "connected": sum(1 for ch in channels if ch.connected)},
+            "rates": {"events_published_per_s": rates.pop("*published"), "commands_per_s": rates.pop("*commands")},
+            "monitors_active": sum(1 for ch in channels if ch.destinations),
+            "snapshots": [{"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
+                           "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
+                           "failures": sn.failures} for sn in snaps],
             "records_lost": self.io.dropped,
         }
+        if not detail:
+            return doc
+        monitors = []
+        for ch in channels[:STATUS_MONITORS]:
+            with ch.lock:
+                dests = {t: s.value for t, s in ch.destinations.items()}
+            monitors.append({"pv": ch.pv.uri, "connected": ch.connected, "events": ch.events,
+                             "events_per_s": rates.get(ch.pv.uri, 0.0),
+                             "destinations": dests, "snapshot_taps": len(ch.taps),
+                             "subscriptions_opened": self.hub.opened.get(ch.pv, 0)})
+        doc["monitors"] = monitors
+        doc["topics_created"] = sorted(self.io.admin.created)
+        return doc
 
     # ------------------------------------------------------------- lifecycle
     def close(self) -> None:
+        if self.expiry is not None:
+            self.expiry.close()
         self.snapshots.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.hub.close()

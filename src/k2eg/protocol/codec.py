@@ -108,5 +108,9 @@ def decode(data: bytes, header: bytes | str | None) -> Any:
     return obj
 
 
+_HEADERS = {ser: [(HEADER, ser.header)] for ser in Serialization}
+
+
 def header_value(ser: Serialization) -> list[tuple[str, bytes]]:
-    return [(HEADER, ser.header)]
+    """The record headers of ``ser``: one shared list per serialisation (the publish path is hot); do not mutate."""
+    return _HEADERS[ser]
