@@ -336,6 +336,13 @@ class KafkaIO:
                             log.warning("command consumer: %s", err)
                         continue
                     yield m.value()
+                # Handed off: commit now, not at the next auto-commit tick, so a gateway
+                # killed a moment later does not run these commands a second time.
+                try:
+                    self.consumer.commit(asynchronous=True)
+                except KafkaException as e:
+                    if e.args[0].code() != KafkaError._NO_OFFSET:
+                        log.warning("committing command offsets: %s", e)
         finally:
             try:
                 self.consumer.close()  # closed by the thread that polls it

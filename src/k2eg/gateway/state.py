@@ -160,8 +160,9 @@ class StateStore:
 
     def __init__(self, opts: Options):
         self.topic = opts.state_topic
-        self._sub = {"bootstrap.servers": opts.sub_server_address, **opts.kv("sub")}
-        pub = {"bootstrap.servers": opts.pub_server_address, **opts.kv("pub")}
+        rdkafka = {"logger": logging.getLogger("k2eg.gateway.rdkafka")}  # the gateway's throttled librdkafka log
+        self._sub = {"bootstrap.servers": opts.sub_server_address, **rdkafka, **opts.kv("sub")}
+        pub = {"bootstrap.servers": opts.pub_server_address, **rdkafka, **opts.kv("pub")}
         self._admin = TopicAdmin(pub)
         # Its own producer: state records need tombstones (null values), no k2eg header, and acks from all replicas.
         self._producer = Producer({**pub, "acks": "all", "linger.ms": 0})
