@@ -1,29 +1,19 @@
 """Session fixtures: one real local stack (Apache Kafka, demo IOC, gateway) for the whole run."""
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
+
+from .stacks import own_stack
 
 BULK = 200  # bulk:000..bulk:199 for snapshot and scale tests
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    from k2eg.stack.runner import Stack
-
-    s = Stack(tmp_path_factory.mktemp("stack"), bulk=BULK,
-              gateway_args=["--pv-connection-timeout", "2", "--log-level", "info"])
-    s.start()
-    old = os.environ.get("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER")
-    os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = str(s.env_dir)
-    yield s
-    if old is None:
-        os.environ.pop("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", None)
-    else:
-        os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = old
-    s.stop()
+    with own_stack(tmp_path_factory, "stack", bulk=BULK) as s:
+        yield s
 
 
 @pytest.fixture

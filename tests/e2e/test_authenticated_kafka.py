@@ -21,16 +21,15 @@ from k2eg.client.errors import KafkaAuthenticationFailed
 from k2eg.dml import dml
 from k2eg.stack.runner import CLIENT_USER, GATEWAY_USER, Stack
 
+from ..stacks import own_stack
+
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("secured-stack"), secure=True,
-              gateway_args=["--pv-connection-timeout", "2", "--log-level", "info"])
-    s.start()
-    yield s
-    s.stop()
+    with own_stack(tmp_path_factory, "secured-stack", secure=True) as s:
+        yield s
 
 
 @pytest.fixture

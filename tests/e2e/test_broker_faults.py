@@ -18,6 +18,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from k2eg.stack.ports import free_port
 from k2eg.stack.runner import Stack
 
+from ..stacks import own_stack
+
 OUTAGE_S = 8          # broker down at least this long (restarting it adds its boot time)
 WAIT = 120            # "eventually" deadlines: generous, the machine is shared
 TICK = os.sysconf("SC_CLK_TCK")
@@ -26,12 +28,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory):
     port = free_port()
-    s = Stack(tmp_path_factory.mktemp("faults"), gateway_args=[
-        "--pv-connection-timeout", "5", "--metric-enable", "true", "--metric-server-http-port", str(port)])
-    s.metrics_port = port
-    s.start()
-    yield s
-    s.stop()
+    with own_stack(tmp_path_factory, "faults", "--pv-connection-timeout", "5", "--metric-enable", "true",
+                   "--metric-server-http-port", str(port)) as s:
+        s.metrics_port = port
+        yield s
 
 
 def cpu_seconds(pid: int) -> float:

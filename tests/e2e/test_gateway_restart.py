@@ -5,13 +5,12 @@ Runs its own stack: it kills the gateway, which the shared session stack must ne
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -20,7 +19,8 @@ from k2eg.broker import SnapshotProperties
 from k2eg.protocol.codec import HEADER, decode
 from k2eg.protocol.uri import pv_topic, snapshot_topic
 
-from .test_gateway_commands import Wire, monitor_entry
+from ..stacks import own_stack
+from .test_gateway_commands import monitor_entry, wire  # noqa: F401 (fixture, on this module's stack)
 
 pytestmark = pytest.mark.e2e
 T = 30  # generous bound against hangs; never a timing assertion
@@ -28,38 +28,10 @@ RECOVERY_S = 10  # the issue's bound for resuming after a restart
 MEASURED: dict[str, float] = {}
 
 
-@contextlib.contextmanager
-def own_stack(tmp_path_factory, *gateway_args: str) -> Iterator[Any]:
-    """A stack of this module only (no bulk PVs), with the client environment pointing at it meanwhile."""
-    from k2eg.stack.runner import Stack
-
-    s = Stack(tmp_path_factory.mktemp("stack"), bulk=0,
-              gateway_args=["--pv-connection-timeout", "2", "--log-level", "info", *gateway_args])
-    s.start()
-    old = os.environ.get("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER")
-    os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = str(s.env_dir)
-    try:
-        yield s
-    finally:
-        if old is None:
-            os.environ.pop("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", None)
-        else:
-            os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = old
-        s.stop()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with own_stack(tmp_path_factory) as s:
+    with own_stack(tmp_path_factory, "restart") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def wire(stack):
-    w = Wire(stack.bootstrap, stack.cmd_topic)
-    yield w
-    w.producer.flush(10)
-    del w.producer
 
 
 class Tail:

@@ -18,8 +18,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from k2eg.gateway.state import monitor_key, reduce_records
 from k2eg.protocol.uri import parse_pv_uri, pv_topic
 
-from .test_gateway_commands import Wire, fresh_topic
-from .test_gateway_restart import Events, own_stack
+from ..stacks import own_stack
+from .test_gateway_commands import fresh_topic, wire  # noqa: F401 (fixture, on this module's stack)
+from .test_gateway_restart import Events
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 3
@@ -28,17 +29,9 @@ T = 30  # generous bound against hangs; never a timing assertion
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with own_stack(tmp_path_factory, "--nc-monitor-expiration-timeout", str(TIMEOUT),
+    with own_stack(tmp_path_factory, "expiry", "--nc-monitor-expiration-timeout", str(TIMEOUT),
                    "--nc-monitor-consumer-filterout-regex", "archiver-.*") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def wire(stack):
-    w = Wire(stack.bootstrap, stack.cmd_topic)
-    yield w
-    w.producer.flush(10)
-    del w.producer
 
 
 def destinations(wire, uri: str) -> dict:
