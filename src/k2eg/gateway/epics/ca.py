@@ -19,6 +19,12 @@ from one DBR_CTRL_* read per (re)connection plus one read of the record's
 ``.DESC``. Enums are ``value{index, choices}``. ``secondsPastEpoch`` is POSIX
 time, as over PVA. Metadata sub-trees are shared between events: treat trees
 as read-only.
+
+Reconnection: libca's search backoff grows with an outage, so a restarted
+IOC's channels could wait many seconds for their next search. The janitor
+keeps one probe channel per lost server (re-created every PROBE_PERIOD, so its
+search is always a fresh one); once it connects, the server's disconnected
+channels get fresh chids and their subscriptions are made again.
 """
 from __future__ import annotations
 
@@ -47,6 +53,12 @@ EPICS_EPOCH = 631152000  # 1990-01-01 in POSIX seconds
 INVALID = 3
 DISCONNECTED_STATUS = 9  # COMM
 DESC_TIMEOUT = 1.0  # a server without records (no .DESC) delays readiness at most this long
+# A lost server is searched for this often. libca's own search backoff for a
+# disconnected channel grows with the outage (back 0-4 s after a 4 s outage,
+# >12 s after a 30 s one, measured); a fresh probe channel per lost server
+# searches at once, and when it connects its server's channels are renewed.
+PROBE_PERIOD = 1.0
+RENEW_WAIT = 2.0  # longest a renewal waits for subscription calls in flight on the old channel
 
 # epicsAlarmConditionStrings; message "" for NO_ALARM like QSRV.
 ALARM_STATUS = (
@@ -277,6 +289,11 @@ class _Channel:
         self.desc: _DescLink | None = None
         self.subs: list[CASubscription] = []
         self.lock = threading.RLock()
+        self.host = ""  # "host:port" of the server, kept across a disconnection
+        # Renewal (a fresh chid after its server came back), under the provider's _work_lock:
+        self.renewing = False
+        self.gen = 0  # bumped per renewal: evids of an older generation died with their chid
+        self.busy = 0  # subscription calls in flight on the current chid
 
     def _connection(self, up: bool, chid: int) -> None:
         self.provider._connection(self, up, chid)
@@ -325,6 +342,21 @@ class _DescLink:
             self.channel.provider._desc_connected(self, chid)
 
 
+class _Probe:
+    """A throwaway channel looking for a lost server; re-created every PROBE_PERIOD so its search is a fresh one."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.chid: int | None = None
+        self.up = False
+        self.born = time.monotonic()
+        self.turn = 0  # which lost channel's name it searches: one PV may be gone for good
+
+    def _connection(self, up: bool, chid: int) -> None:
+        if up:
+            self.up = True
+
+
 class CASubscription:
     """A CA monitor; ``on_event`` runs on the libca thread of the PV's server circuit."""
 
@@ -336,6 +368,7 @@ class CASubscription:
         self._closed = False
         self._subscribing = False
         self._evid: int | None = None
+        self._gen = 0  # channel generation of _evid
         self._last: ValueTree | None = None
 
     def _subscribe(self) -> None:
@@ -345,20 +378,33 @@ class CASubscription:
                 return
             self._subscribing = True
         ch = self._channel
-        evid = ctypes.c_void_p()
-        ret = _lib.create_subscription(ch.time_type(), 0, ch.chid, dbr.DBE_VALUE | dbr.DBE_ALARM,
-                                       _EVENT_CB, self, ctypes.byref(evid))
-        with self._lock:
-            self._subscribing = False
-            if ret != dbr.ECA_NORMAL:
-                _log.error("CA subscription to %s failed: %s", self.name, _message(ret))
-                return
-            closed = self._closed
-            if not closed:
-                self._evid = evid.value
-        if closed:  # closed while we were subscribing
-            _lib.clear_subscription(evid.value)
-        _lib.flush_io()
+        work = ch.provider._work_lock
+        with work:
+            gen, renewing = ch.gen, ch.renewing
+            if not renewing:
+                ch.busy += 1
+        if renewing:  # the new chid subscribes once ready
+            with self._lock:
+                self._subscribing = False
+            return
+        try:
+            evid = ctypes.c_void_p()
+            ret = _lib.create_subscription(ch.time_type(), 0, ch.chid, dbr.DBE_VALUE | dbr.DBE_ALARM,
+                                           _EVENT_CB, self, ctypes.byref(evid))
+            with self._lock:
+                self._subscribing = False
+                if ret != dbr.ECA_NORMAL:
+                    _log.error("CA subscription to %s failed: %s", self.name, _message(ret))
+                    return
+                closed = self._closed
+                if not closed:
+                    self._evid, self._gen = evid.value, gen
+            if closed:  # closed while we were subscribing
+                _lib.clear_subscription(evid.value)
+            _lib.flush_io()
+        finally:
+            with work:
+                ch.busy -= 1
 
     def _event(self, args) -> None:
         if self._closed:
@@ -415,6 +461,8 @@ class CAProvider:
         self._lock = threading.Lock()
         self._inflight: set = set()  # requests libca still holds a pointer to
         self._desc_work: set[_Channel] = set()  # channels with a DESC channel open
+        self._lost: dict[str, set[_Channel]] = {}  # server "host:port" -> its disconnected channels
+        self._probes: dict[str, _Probe] = {}  # janitor thread only
         self._work_lock = threading.Lock()  # leaf lock, also taken on libca threads
         self._closed = False
         self._stop = threading.Event()
@@ -496,6 +544,13 @@ class CAProvider:
                 ch.connected.clear()
                 ch.ready.clear()
                 start, gone = [], list(ch.subs)
+            if ch.host:
+                with self._work_lock:
+                    lost = self._lost.setdefault(ch.host, set())
+                    if up:
+                        lost.discard(ch)
+                    else:
+                        lost.add(ch)
         for sub in gone:  # outside ch.lock: on_event is user code
             sub._disconnected()
         self._start(start)
@@ -504,6 +559,7 @@ class CAProvider:
         lib = self._lib
         ch.ftype = lib.field_type(ch.chid)
         ch.count = lib.element_count(ch.chid)
+        ch.host = (lib.host_name(ch.chid) or b"").decode(errors="replace")
         ch.connected.set()
         # Metadata: one CTRL read (DBR_CTRL_STRING has none) and the record's DESC.
         ch.ctrl_pending = ch.ftype != dbr.STRING
@@ -596,7 +652,7 @@ class CAProvider:
     @staticmethod
     def _maybe_ready(ch: _Channel) -> list[CASubscription]:
         """Under ch.lock: ready once an event can carry full metadata; returns subscriptions to start."""
-        if not ch.connected.is_set() or ch.ctrl_pending or ch.desc_pending:
+        if not ch.connected.is_set() or ch.ctrl_pending or ch.desc_pending or ch.renewing:
             return []
         if ch.ftype == dbr.STRING:
             ch.meta = {"display": {"description": ch.description, "units": ""}}
@@ -611,6 +667,10 @@ class CAProvider:
     def _janitor_loop(self) -> None:
         """Gives up on DESC reads that cannot connect; clears DESC channels once read."""
         while not self._stop.wait(0.2):
+            try:
+                self._nudge_lost()
+            except Exception:
+                _log.exception("CA reconnect nudge failed")
             try:
                 with self._work_lock:
                     work = list(self._desc_work)
@@ -634,6 +694,82 @@ class CAProvider:
                     self._lib.flush_io()
             except Exception:
                 _log.exception("CA janitor failed")
+
+    # reconnection ----------------------------------------------------------------
+    def _nudge_lost(self) -> None:
+        """Janitor: one probe per lost server; once a probe connects, that server's channels search afresh."""
+        with self._work_lock:
+            for host in [h for h, chans in self._lost.items() if not chans]:
+                del self._lost[host]
+            lost = {h: sorted(chans, key=lambda c: c.name) for h, chans in self._lost.items()}
+        if not lost and not self._probes:
+            return
+        now = time.monotonic()
+        with self._attached():
+            for host in [h for h in self._probes if h not in lost]:
+                self._drop_probe(host)
+            for host, chans in lost.items():
+                probe = self._probes.get(host)
+                if probe is not None and probe.up:
+                    _log.info("CA server %s answers again: renewing %d channels", host, len(chans))
+                    self._drop_probe(host)
+                    for ch in chans:
+                        self._renew(ch)
+                elif probe is None or now - probe.born >= PROBE_PERIOD:
+                    turn = 0 if probe is None else probe.turn + 1
+                    self._drop_probe(host)
+                    probe = self._probes[host] = _Probe(chans[turn % len(chans)].name)
+                    probe.turn = turn
+                    chid = ctypes.c_void_p()
+                    if self._lib.create_channel(probe.name.encode(), _CONN_CB, probe, 0,
+                                                ctypes.byref(chid)) == dbr.ECA_NORMAL:
+                        probe.chid = chid.value
+            self._lib.flush_io()
+
+    def _drop_probe(self, host: str) -> None:
+        probe = self._probes.pop(host, None)
+        if probe is not None and probe.chid is not None:
+            self._lib.clear_channel(probe.chid)
+
+    def _renew(self, ch: _Channel) -> None:
+        """Janitor, attached: replace a disconnected channel's chid by a fresh one (whose search starts now).
+
+        Its subscriptions die with the old chid and are made again once the new one is ready.
+        """
+        with ch.lock:
+            if ch.connected.is_set() or ch.chid is None or self._closed:
+                return
+            with self._work_lock:
+                ch.renewing = True  # no new subscriptions, no readiness until the new chid
+                ch.gen += 1  # _unsubscribe leaves older evids alone from now on
+                self._lost.get(ch.host, set()).discard(ch)
+            subs = list(ch.subs)
+        deadline = time.monotonic() + RENEW_WAIT
+        while ch.busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if ch.busy:  # a subscription call is stuck on the old chid: try again later
+            with self._work_lock:
+                ch.renewing = False
+            return
+        old = ch.chid
+        self._lib.clear_channel(old)  # waits for callbacks in flight; no old callback comes after it
+        for sub in subs:
+            with sub._lock:
+                sub._evid = None
+        with ch.lock:
+            ch.chid = None
+            ch.connected.clear()
+            ch.ready.clear()
+            with self._work_lock:
+                ch.renewing = False
+        chid = ctypes.c_void_p()
+        ret = self._lib.create_channel(ch.name.encode(), _CONN_CB, ch, 0, ctypes.byref(chid))
+        if ret != dbr.ECA_NORMAL:
+            _log.error("CA: cannot re-create channel %s: %s", ch.name, _message(ret))
+            return
+        with ch.lock:
+            if ch.chid is None:  # not connected before ca_create_channel returned
+                ch.chid = chid.value
 
     # operations ----------------------------------------------------------------
     def _wait_ready(self, name: str, timeout: float) -> tuple[_Channel, float]:
@@ -719,10 +855,19 @@ class CAProvider:
         with ch.lock:
             if sub in ch.subs:
                 ch.subs.remove(sub)
-        if evid is not None and not self._closed:
+        if evid is None or self._closed:
+            return
+        with self._work_lock:
+            if sub._gen != ch.gen:  # its chid was renewed: libca dropped the evid with it
+                return
+            ch.busy += 1
+        try:
             with self._attached():
                 self._lib.clear_subscription(evid)
                 self._lib.flush_io()
+        finally:
+            with self._work_lock:
+                ch.busy -= 1
 
     def close(self) -> None:
         with self._lock:
@@ -734,6 +879,7 @@ class CAProvider:
         self._stop.set()
         self._janitor.join(5.0)
         lib = self._lib
+        probes, self._probes = list(self._probes.values()), {}
         previous = lib.current_context()
         if previous:
             lib.detach_context()
@@ -752,6 +898,9 @@ class CAProvider:
                 for chid in (link.chid if link else None, ch.chid):
                     if chid is not None:
                         lib.clear_channel(chid)
+            for probe in probes:
+                if probe.chid is not None:
+                    lib.clear_channel(probe.chid)
             lib.flush_io()
             lib.context_destroy()  # waits for libca's threads; detaches this one
         finally:

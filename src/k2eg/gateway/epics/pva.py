@@ -17,13 +17,16 @@ only wakeup when the first update arrives before ``Context.monitor()``
 returns, and with several workers can deliver one PV's updates out of
 order. Here the wakeup only queues the subscription for one dispatcher
 thread per provider, which drains it in order, and a wakeup that races
-the subscription's creation is replayed.
+the subscription's creation is replayed. While monitored PVs are
+disconnected, a probe Context looks for them and tells the main one to
+search at once when they answer (see PROBE_PERIOD).
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from p4p import Value
@@ -41,6 +44,18 @@ _log = logging.getLogger(__name__)
 DISCONNECTED_STATUS = 7
 INVALID = 3
 _BATCH = 16  # updates drained per turn before other subscriptions get theirs
+# pvxs' default monitor queue (4) squashed ~4% of 10 Hz updates when the dispatcher
+# fell ~0.5 s behind on a loaded machine (soak, issue 7); entries cost memory only
+# while the dispatcher lags.
+MONITOR_QUEUE_SIZE = 64
+# pvxs' search backoff brought a monitor back 0.3-5.5 s after its IOC answered
+# again (measured), and its hurryUp() is honoured at most once per 30 s, so
+# calling it blindly during an outage only spends it. While monitored PVs are
+# disconnected a probe Context (whose fresh channels search at once) tries one
+# of them this often; when the probe gets an answer the main Context is told
+# to hurry.
+PROBE_PERIOD = 1.0
+HURRY_HOLDOFF = 30.0  # pvxs ignores hurryUp() this long after the last one: no point probing meanwhile
 
 _CODE_NAMES = {
     "?": "boolean", "s": "string", "b": "int8", "B": "uint8", "h": "int16", "H": "uint16",
@@ -320,6 +335,7 @@ class PVASubscription:
         self._plan: _Plan | None = None
         self._last: ValueTree | None = None
         self._connected = False
+        self._waited = False  # counted in the provider's lost PVs (under its _lock)
 
     def _start(self, ctx: Context, request) -> None:
         S = ctx.monitor(self.name, self._wakeup, request)
@@ -378,12 +394,16 @@ class PVASubscription:
             _log.exception("PVA monitor of %s: cannot convert update", self.name)
             return
         self._last = tree
-        self._connected = True
+        if not self._connected:
+            self._connected = True
+            self._provider._up(self)
         self._call(tree)
 
     def _deliver_disconnect(self, why: str = "disconnected") -> None:
         was, self._connected = self._connected, False
         last, self._last, self._plan = self._last, None, None  # reconnect may bring a new type
+        if was:
+            self._provider._down(self)
         if not was or last is None:
             return
         tree = dict(last)
@@ -411,10 +431,16 @@ class PVAProvider:
 
     protocol = "pva"
 
-    def __init__(self, conf: dict[str, str] | None = None, monitor_queue_size: int | None = None):
+    def __init__(self, conf: dict[str, str] | None = None, monitor_queue_size: int | None = MONITOR_QUEUE_SIZE):
         """``conf`` overrides EPICS_PVA_* from the environment (tests, embedding)."""
         self._ctx = Context("pva", conf=conf, useenv=True, nt=False)
+        self._probe_conf = self._ctx._ctxt.conf()  # the probe must search where the main Context does
         self._dispatcher = _Dispatcher("pva-monitor-dispatch")
+        self._lost: dict[str, int] = {}  # name -> disconnected subscriptions of it, under _lock
+        self._probe_ctx: Context | None = None  # reconnect thread only
+        self._stop = threading.Event()
+        self._reconnect = threading.Thread(target=self._reconnect_loop, name="pva-reconnect", daemon=True)
+        self._reconnect.start()
         self._subs: set[PVASubscription] = set()
         self._plans: dict[str, tuple[str, _Plan]] = {}
         self._lock = threading.Lock()
@@ -521,6 +547,55 @@ class PVAProvider:
     def _forget(self, sub: PVASubscription) -> None:
         with self._lock:
             self._subs.discard(sub)
+        self._up(sub)  # a closed subscription is no longer waited for
+
+    # reconnection ---------------------------------------------------------------
+    def _down(self, sub: PVASubscription) -> None:
+        with self._lock:
+            if not sub._waited and sub in self._subs:
+                sub._waited = True
+                self._lost[sub.name] = self._lost.get(sub.name, 0) + 1
+
+    def _up(self, sub: PVASubscription) -> None:
+        with self._lock:
+            if sub._waited:
+                sub._waited = False
+                left = self._lost.get(sub.name, 0) - 1
+                if left > 0:
+                    self._lost[sub.name] = left
+                else:
+                    self._lost.pop(sub.name, None)
+
+    def _reconnect_loop(self) -> None:
+        turn, quiet_until = 0, 0.0
+        while not self._stop.wait(PROBE_PERIOD):
+            with self._lock:
+                names = sorted(self._lost)
+            if not names or time.monotonic() < quiet_until:
+                continue
+            turn += 1
+            name = names[turn % len(names)]  # rotate: one PV may be gone for good
+            try:
+                if self._probe(name):
+                    _log.info("PVA server of %s answers again: searching for %d lost PVs now", name, len(names))
+                    self._ctx._ctxt.hurryUp()  # p4p's raw Context does not wrap pvxs' hurryUp()
+                    quiet_until = time.monotonic() + HURRY_HOLDOFF
+            except Exception:
+                _log.exception("PVA reconnect probe failed")
+
+    def _probe(self, name: str) -> bool:
+        """One get in the probe Context; its channel is dropped after, so the next probe searches afresh."""
+        if self._probe_ctx is None:
+            self._probe_ctx = Context("pva", conf=self._probe_conf, useenv=False, nt=False)
+        done = threading.Event()
+        box: list = []
+        op = self._probe_ctx.get(name, lambda v: (box.append(v), done.set()))
+        try:
+            done.wait(PROBE_PERIOD * 0.8)
+        finally:
+            op.close()
+            self._probe_ctx.disconnect(name)
+        return bool(box) and isinstance(box[0], Value)
 
     def close(self) -> None:
         """Subscriptions first, then the dispatcher, then the Context (p4p can hang otherwise)."""
@@ -531,7 +606,11 @@ class PVAProvider:
             subs, self._subs = list(self._subs), set()
         for sub in subs:
             sub.close()
+        self._stop.set()
+        self._reconnect.join(5.0)
         self._dispatcher.stop()
+        if self._probe_ctx is not None:
+            self._probe_ctx.close()
         self._ctx.close()
 
     def _check_open(self) -> None:
