@@ -42,11 +42,14 @@ _REPLY = {"linger.ms": 0, "socket.nagle.disable": True,
           "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
 # Monitor events: throughput (the broker's CPU per record falls with fuller requests:
 # bench/EXPERIMENTS.md); only failures come back as delivery reports. Queue bounds are
-# per producer: the first one carries floods of a few PVs, the others 1000 topics each
-# (10 s of 1 Hz updates), so that 10k PVs stay near 500 MB when Kafka cannot keep up.
+# per producer: the first one carries floods of up to 1000 PVs and rides out a broker
+# stall of ~40 s at 5k events/s (the soak saw 10 s stalls on a loaded machine: a 50k
+# bound coalesced 42k events); the others take 1000 topics each (10 s of 1 Hz updates),
+# so that 10k PVs stay near 500 MB when Kafka cannot keep up. Idempotence keeps each
+# PV's events in order across retries (a stream must never step back in time).
 _EVENT = {"linger.ms": 50, "batch.num.messages": 10_000, "batch.size": 4 << 20, "compression.type": "none",
-          "queue.buffering.max.messages": 50_000, "queue.buffering.max.kbytes": 64 * 1024,
-          "delivery.report.only.error": True}
+          "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 160 * 1024,
+          "delivery.report.only.error": True, "enable.idempotence": True}
 _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbytes": 16 * 1024}
 
 
