@@ -16,6 +16,8 @@ import pytest
 from k2eg import OperationError
 from k2eg.dml import dml
 
+from ..stacks import own_stack
+
 pytestmark = pytest.mark.e2e
 
 CONNECT_TIMEOUT = 2.0
@@ -25,20 +27,12 @@ INVALID = 3
 
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory):
-    from k2eg.stack.runner import Stack
-
-    s = Stack(tmp_path_factory.mktemp("iocfaults"),
-              gateway_args=["--pv-connection-timeout", str(CONNECT_TIMEOUT), "--log-level", "info"])
-    s.start()
-    try:
+    with own_stack(tmp_path_factory, "iocfaults", "--pv-connection-timeout", str(CONNECT_TIMEOUT)) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
-def client(fault_stack, monkeypatch):
-    monkeypatch.setenv("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", str(fault_stack.env_dir))
+def client(fault_stack):
     with dml(fault_stack.environment, f"faults-{uuid.uuid4().hex[:8]}") as k:
         yield k
 
