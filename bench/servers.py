@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 
+from k2eg.stack.ioc import loopback_server_env
+
 
 def _control(go, stop, counts) -> None:
     print("ready", flush=True)
@@ -84,14 +86,7 @@ def ca_db(n: int) -> str:
 
 
 def ca(n: int, ca_port: int, pvas_port: int, pvas_bcast: int, work_dir: str) -> None:
-    os.environ.update({
-        "EPICS_CA_SERVER_PORT": str(ca_port), "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_CA_ADDR_LIST": f"127.0.0.1:{ca_port}", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_SERVER_PORT": str(pvas_port), "EPICS_PVAS_BROADCAST_PORT": str(pvas_bcast),
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-    })
+    os.environ.update(loopback_server_env(ca_port, pvas_port, pvas_bcast))
     from softioc import asyncio_dispatcher, imports, softioc
 
     db = os.path.join(work_dir, "flood-ca.db")

@@ -28,6 +28,7 @@ from pathlib import Path
 import msgpack
 
 from bench.util import Commander, Meter, Worker, cpu_seconds, rss_mb
+from k2eg.stack.ioc import loopback_server_env
 
 SAMPLE_S = 10.0
 WARMUP_S = 60.0
@@ -48,14 +49,7 @@ def soak_db(n: int, hz: int) -> str:
 
 def serve(n: int, hz: int, ca_port: int, pvas_port: int, pvas_bcast: int, work_dir: str) -> None:
     """Runs in the soak IOC process: ``go`` starts counting, ``stop`` freezes and reports the final counts."""
-    os.environ.update({
-        "EPICS_CA_SERVER_PORT": str(ca_port), "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_CA_ADDR_LIST": f"127.0.0.1:{ca_port}", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_SERVER_PORT": str(pvas_port), "EPICS_PVAS_BROADCAST_PORT": str(pvas_bcast),
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-    })
+    os.environ.update(loopback_server_env(ca_port, pvas_port, pvas_bcast))
     from softioc import asyncio_dispatcher, imports, softioc
 
     from bench.servers import _control

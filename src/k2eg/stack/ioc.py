@@ -66,6 +66,30 @@ def _udp_free(port: int) -> bool:
         s.close()
 
 
+def loopback_server_env(ca_port: int, pvas_port: int, pvas_broadcast: int,
+                        ca_repeater: int | None = None) -> dict[str, str]:
+    """EPICS_* for an IOC process serving CA and PVA on these ports of 127.0.0.1 only (beacons included)."""
+    env = {
+        "EPICS_CA_SERVER_PORT": str(ca_port),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+        "EPICS_CA_ADDR_LIST": f"127.0.0.1:{ca_port}",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVAS_SERVER_PORT": str(pvas_port),
+        "EPICS_PVAS_BROADCAST_PORT": str(pvas_broadcast),
+        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_BROADCAST_PORT": str(pvas_broadcast),
+    }
+    if ca_repeater is not None:
+        env["EPICS_CA_REPEATER_PORT"] = str(ca_repeater)
+    return env
+
+
 def bulk_names(bulk: int) -> list[str]:
     """``bulk:000`` ... zero-padded to at least 3 digits so names sort naturally."""
     width = max(3, len(str(max(bulk - 1, 0))))
@@ -102,23 +126,7 @@ class DemoIOC:
     def server_env(self) -> dict[str, str]:
         """What the IOC process itself needs: servers bound to loopback only."""
         p = self.ports
-        return {
-            "EPICS_CA_SERVER_PORT": str(p.ca_server),
-            "EPICS_CA_REPEATER_PORT": str(p.ca_repeater),
-            "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-            "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-            "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
-            "EPICS_CA_ADDR_LIST": f"127.0.0.1:{p.ca_server}",
-            "EPICS_CA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVAS_SERVER_PORT": str(p.qsrv_server),
-            "EPICS_PVAS_BROADCAST_PORT": str(p.qsrv_broadcast),
-            "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-            "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVA_BROADCAST_PORT": str(p.qsrv_broadcast),
-        }
+        return loopback_server_env(p.ca_server, p.qsrv_server, p.qsrv_broadcast, p.ca_repeater)
 
     def client_env(self) -> dict[str, str]:
         """EPICS_* a client process needs to find CA and both PVA servers."""
