@@ -104,6 +104,8 @@ class ClientTransport:
         self._assigned: set[str] = set()
         self._assign_cond = threading.Condition()
         self.handlers: queue.SimpleQueue = queue.SimpleQueue()
+        self._handoff: list | None = None   # handler calls of the event batch being read, if any
+        self._handoff_lock = threading.Lock()
         self._shared_group = group_name is not None
         self._unique = f"{app_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.group_id = group_name or self._unique
@@ -428,11 +430,20 @@ class ClientTransport:
                 log.warning("event consumer: %s", e)
                 time.sleep(0.05)
                 continue
-            for m in msgs:
-                try:
-                    self._on_event(m)
-                except Exception:  # a bad record or a failing sink must not stop the monitors
-                    log.exception("skipping event record at %s[%s]@%s", m.topic(), m.partition(), m.offset())
+            # One hand-off to the dispatcher per batch, not per event (bench/EXPERIMENTS.md row 4).
+            with self._handoff_lock:
+                self._handoff = []
+            try:
+                for m in msgs:
+                    try:
+                        self._on_event(m)
+                    except Exception:  # a bad record or a failing sink must not stop the monitors
+                        log.exception("skipping event record at %s[%s]@%s", m.topic(), m.partition(), m.offset())
+            finally:
+                with self._handoff_lock:
+                    batch, self._handoff = self._handoff, None
+                if batch:
+                    self.handlers.put(batch)
 
     def _on_event(self, m) -> None:
         if m.error() is not None:
@@ -453,15 +464,25 @@ class ClientTransport:
             item = get()
             if item is None or not self._running:
                 return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("user handler %s raised", getattr(fn, "__name__", fn))
+            for fn, args in item:
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("user handler %s raised", getattr(fn, "__name__", fn))
+                if not self._running:
+                    return
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
-        """Run a user handler on the dispatcher thread."""
-        self.handlers.put((fn, args))
+        """Run a user handler on the dispatcher thread, after everything queued before it.
+
+        While the event thread hands out a batch, calls join that batch (from
+        any thread), so a call made after an event was queued runs after it.
+        """
+        with self._handoff_lock:
+            if self._handoff is not None:
+                self._handoff.append((fn, args))
+                return
+        self.handlers.put([(fn, args)])
 
     # ------------------------------------------------------------- close
     def close(self, timeout: float = 5.0) -> None:
