@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from k2eg.protocol import replies
@@ -24,7 +25,41 @@ Publish = Callable[[str, str, bytes, Serialization], None]
 Tap = Callable[["Channel", dict], None]
 
 
-@dataclass(eq=False)
+class FirstValue:
+    """``threading.Event`` for "the PV has a value", made only if someone waits before it has one.
+
+    A threading.Event per PV costs ~1 KB: 10 MB at 10k PVs, for a wait that
+    happens only while a monitor or snapshot command is being answered.
+    """
+
+    __slots__ = ("_done", "_event")
+    _lock = threading.Lock()  # shared: taken once per PV on its first value, and by waiters
+
+    def __init__(self) -> None:
+        self._done = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._done
+
+    def set(self) -> None:
+        with self._lock:
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+
+@dataclass(eq=False, slots=True)
 class Channel:
     """A PV the gateway is subscribed to, with everyone who wants its events."""
 
@@ -33,7 +68,7 @@ class Channel:
     taps: set = field(default_factory=set)
     last: dict | None = None
     events: int = 0
-    first_value: threading.Event = field(default_factory=threading.Event)
+    first_value: FirstValue = field(default_factory=FirstValue)
     subscription: Subscription | None = None
     started: float = field(default_factory=time.monotonic)
     # Orders an event's fan-out against a joining destination's re-publish, so a
@@ -69,7 +104,7 @@ class MonitorHub:
         ch = self._channels.get(pv)
         if ch is None:
             ch = Channel(pv)
-            ch.subscription = self._providers[pv.protocol].monitor(pv.name, lambda tree, ch=ch: self._on_event(ch, tree))
+            ch.subscription = self._providers[pv.protocol].monitor(pv.name, partial(self._on_event, ch))
             self._channels[pv] = ch
             self.opened[pv] = self.opened.get(pv, 0) + 1
         return ch
@@ -124,11 +159,11 @@ class MonitorHub:
     def _on_event(self, ch: Channel, tree: dict) -> None:
         """EPICS callback thread: encode once per serialisation, publish to each destination."""
         name = ch.pv.name
-        with ch.lock:
+        with ch.lock:  # destinations change only under it: no copy needed
             ch.last = tree
             ch.events += 1
             encoded: dict[Serialization, bytes | None] = {}
-            for topic, ser in list(ch.destinations.items()):
+            for topic, ser in ch.destinations.items():
                 if ser not in encoded:
                     try:
                         encoded[ser] = encode(replies.event(name, tree), ser, name)
@@ -138,8 +173,10 @@ class MonitorHub:
                 data = encoded[ser]
                 if data is not None:
                     self._publish(topic, name, data, ser)
-        if not ch.first_value.is_set():  # set() takes a lock every time: 6% of the CA callback thread
+        if not ch.first_value.is_set():
             ch.first_value.set()
+        if not ch.taps:
+            return
         for tap in list(ch.taps):
             try:
                 tap(ch, tree)

@@ -17,8 +17,9 @@ A CA value tree uses the PVA NTScalar field names: ``value, alarm,
 timeStamp`` from the DBR_TIME_* monitor, ``display, control, valueAlarm``
 from one DBR_CTRL_* read per (re)connection plus one read of the record's
 ``.DESC``. Enums are ``value{index, choices}``. ``secondsPastEpoch`` is POSIX
-time, as over PVA. Metadata sub-trees are shared between events: treat trees
-as read-only.
+time, as over PVA. Metadata sub-trees are shared between events and, when
+equal, between PVs, and alarm sub-trees between events: treat trees as
+read-only.
 
 Reconnection: libca's search backoff grows with an outage, so a restarted
 IOC's channels could wait many seconds for their next search. The janitor
@@ -43,7 +44,7 @@ from epics import ca, dbr
 
 from k2eg.protocol.errors import ErrorCode
 
-from .base import EventCallback, PVError, ValueTree, connect_timeout
+from .base import EventCallback, PVError, ValueTree, connect_timeout, pin_thread_state, share
 
 __all__ = ["CAProvider", "CASubscription"]
 
@@ -82,6 +83,8 @@ _DBR_NAMES = {dbr.STRING: "DBR_STRING", dbr.SHORT: "DBR_SHORT", dbr.FLOAT: "DBR_
               dbr.CHAR: "DBR_CHAR", dbr.LONG: "DBR_LONG", dbr.DOUBLE: "DBR_DOUBLE"}
 _TIME_HEADER = struct.Struct("=hhII")  # status, severity, secs, nsec of every DBR_TIME_*
 _SCALAR = {t: struct.Struct("=" + code) for t, (_, code, _, _) in _NATIVE.items() if code}
+_TIME_SCALAR: dict[int, tuple[int, struct.Struct, bool]] = {}  # DBR_TIME_* -> (size, header+value, enum?)
+_ALARMS: dict[int, dict] = {}  # severity << 16 | status -> its (shared, read-only) alarm sub-tree
 _CTRL_FIELDS = ("upper_disp_limit", "lower_disp_limit", "upper_alarm_limit", "upper_warning_limit",
                 "lower_warning_limit", "lower_alarm_limit", "upper_ctrl_limit", "lower_ctrl_limit")
 
@@ -132,6 +135,13 @@ class _LibCA:
         self.message = fn("ca_message", ctypes.c_char_p, ctypes.c_long)
         self.replace_printf_handler = fn("ca_replace_printf_handler", ctypes.c_int, _PRINTF_FN)
 
+        for ntype, (size, code, _, _) in _NATIVE.items():
+            if code:  # the whole scalar DBR_TIME_* buffer in one unpack
+                ftype = ntype + dbr.TIME_STRING
+                off = dbr.value_offset[ftype]
+                layout = struct.Struct(f"{_TIME_HEADER.format}{off - _TIME_HEADER.size}x{code}")
+                _TIME_SCALAR[ftype] = (off + size, layout, ntype == dbr.ENUM)
+
     def puser(self, chid: int) -> Any:
         return ctypes.cast(self._puser(chid), ctypes.py_object).value
 
@@ -169,6 +179,7 @@ def _message(status: int) -> str:
 
 # -- libca callbacks (libca threads; usr/puser is the Python object given) -----
 def _on_connection(args) -> None:
+    pin_thread_state()
     try:
         _lib.puser(args.chid)._connection(args.op == dbr.OP_CONN_UP, args.chid)
     except Exception:
@@ -176,6 +187,7 @@ def _on_connection(args) -> None:
 
 
 def _on_get(args) -> None:
+    pin_thread_state()
     req = args.usr
     try:
         req.complete(args)
@@ -185,6 +197,7 @@ def _on_get(args) -> None:
 
 
 def _on_put(args) -> None:
+    pin_thread_state()
     req = args.usr
     req.status = args.status
     req.done.set()
@@ -192,6 +205,7 @@ def _on_put(args) -> None:
 
 
 def _on_event(args) -> None:
+    pin_thread_state()
     sub = args.usr
     try:
         sub._event(args)
@@ -300,7 +314,16 @@ class _Channel:
 
     def decode(self, args) -> ValueTree:
         """A DBR_TIME_* buffer as a value tree (runs on libca threads)."""
-        ftype, count = args.type, args.count
+        ftype = args.type
+        if self.count == 1:
+            scalar = _TIME_SCALAR.get(ftype)
+            if scalar is not None:  # the common case, in one unpack
+                size, layout, enum = scalar
+                status, severity, secs, nsec, value = layout.unpack(ctypes.string_at(args.raw_dbr, size))
+                if enum:
+                    value = {"index": value, "choices": self.choices}
+                return self._tree(value, status, severity, secs, nsec)
+        count = args.count
         ntype = dbr.native_type(ftype)
         size = _NATIVE[ntype][0]
         off = dbr.value_offset[ftype]
@@ -316,10 +339,18 @@ class _Channel:
             value = _SCALAR[ntype].unpack_from(buf, off)[0]
             if ntype == dbr.ENUM:
                 value = {"index": value, "choices": self.choices}
+        return self._tree(value, status, severity, secs, nsec)
+
+    def _tree(self, value: Any, status: int, severity: int, secs: int, nsec: int) -> ValueTree:
+        key = severity << 16 | (status & 0xFFFF)
+        alarm = _ALARMS.get(key)
+        if alarm is None:
+            alarm = _ALARMS[key] = {
+                "severity": severity, "status": status,
+                "message": ALARM_STATUS[status] if 0 <= status < len(ALARM_STATUS) else str(status)}
         tree = {
             "value": value,
-            "alarm": {"severity": severity, "status": status,
-                      "message": ALARM_STATUS[status] if status < len(ALARM_STATUS) else str(status)},
+            "alarm": alarm,
             "timeStamp": {"secondsPastEpoch": secs + EPICS_EPOCH, "nanoseconds": nsec, "userTag": 0},
         }
         tree.update(self.meta)
@@ -622,11 +653,11 @@ class CAProvider:
             }
         with ch.lock:
             if choices is not None:
-                ch.choices = choices
-                ch.meta = {"display": {"description": ch.description}}
+                ch.choices = share(choices)
+                ch.meta = share({"display": {"description": ch.description}})
             else:
                 meta["display"]["description"] = ch.description
-                ch.meta = meta
+                ch.meta = share(meta)
             ch.ctrl_pending = False
             start = self._maybe_ready(ch)
         self._start(start)
@@ -645,7 +676,7 @@ class CAProvider:
             ch.desc_pending = False
             ch.description = text
             if "display" in ch.meta:  # new dicts: events already out keep theirs
-                ch.meta = dict(ch.meta, display=dict(ch.meta["display"], description=text))
+                ch.meta = share(dict(ch.meta, display=dict(ch.meta["display"], description=text)))
             start = self._maybe_ready(ch)
         self._start(start)
 
@@ -655,7 +686,7 @@ class CAProvider:
         if not ch.connected.is_set() or ch.ctrl_pending or ch.desc_pending or ch.renewing:
             return []
         if ch.ftype == dbr.STRING:
-            ch.meta = {"display": {"description": ch.description, "units": ""}}
+            ch.meta = share({"display": {"description": ch.description, "units": ""}})
         ch.ready.set()
         return [sub for sub in ch.subs if sub._evid is None]
 

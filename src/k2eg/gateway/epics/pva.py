@@ -9,8 +9,10 @@ arrive as p4p ``Value``s and are turned into value trees here:
   would drop the member name), an empty union becomes ``None``; variant
   (``any``) fields carry no member name and stay plain values;
 - monitor updates re-convert only the top-level fields pvxs marks as
-  changed and share the unchanged sub-trees with the previous event, so
-  **trees must be treated as read-only**.
+  changed and share the unchanged sub-trees with the previous event, and
+  metadata sub-trees (display, control, valueAlarm, ...) equal to another
+  PV's are shared with it (``base.share``), so **trees must be treated as
+  read-only**. Conversion plans are shared by every PV of one type.
 
 Monitors do not use p4p's threaded ``Subscription``: that one loses its
 only wakeup when the first update arrives before ``Context.monitor()``
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -34,7 +37,7 @@ from p4p.client.raw import Context, Disconnected, Finished, RemoteError
 
 from k2eg.protocol.errors import ErrorCode
 
-from .base import EventCallback, PVError, ValueTree, connect_timeout
+from .base import EventCallback, PVError, ValueTree, connect_timeout, pin_thread_state, share
 
 __all__ = ["PVAProvider", "PVASubscription", "value_tree", "structure_of"]
 
@@ -170,8 +173,12 @@ class _Union:
         return None
 
 
+# Top-level fields new with (nearly) every update: not worth looking up in the shared pool.
+_PER_UPDATE = frozenset(("value", "alarm", "timeStamp"))
+
+
 class _Plan:
-    """How to convert Values of one structure type; built once per type seen."""
+    """How to convert Values of one structure type; built once per type seen (see _plan_of)."""
 
     __slots__ = ("fields", "union_fields", "tops")
 
@@ -180,15 +187,21 @@ class _Plan:
         self.union_fields = [(name, self.fields[name]) for name, sub in spec[2] if _has_union(sub)]
         self.tops: dict[str, str] = {}  # changed-field name -> its top-level field
 
-    def full(self, v: Value) -> ValueTree:
-        """todict() in one C call, then the union fields redone (todict drops member names)."""
+    def full(self, v: Value, shared: bool = False) -> ValueTree:
+        """todict() in one C call, then the union fields redone (todict drops member names).
+
+        ``shared``: metadata sub-trees come from the pool (monitors keep trees; a get's is short-lived).
+        """
         tree = v.todict()
         for name, f in self.union_fields:
             tree[name] = f(v, name)
+        if shared:  # a new dict: interned keys, metadata from the pool
+            tree = {sys.intern(name): share(x) if name not in _PER_UPDATE and (type(x) is dict or type(x) is list)
+                    else x for name, x in tree.items()}
         return tree
 
     def update(self, v: Value, prev: ValueTree) -> ValueTree:
-        """Only the top-level fields marked changed are converted again."""
+        """Only the top-level fields marked changed are converted again (metadata shared as in full)."""
         tops = self.tops
         changed = set()
         for n in v.changedSet():
@@ -197,17 +210,33 @@ class _Plan:
                 t = tops[n] = n.split(".", 1)[0].split("->", 1)[0].split("[", 1)[0]
             changed.add(t)
         if len(changed) * 2 > len(self.fields) or not changed.issubset(self.fields):
-            return self.full(v)
+            return self.full(v, shared=True)
         tree = prev.copy()
         fields = self.fields
         for name in changed:
-            tree[name] = fields[name](v, name)
+            x = fields[name](v, name)
+            if name not in _PER_UPDATE and (type(x) is dict or type(x) is list):
+                x = share(x)
+            tree[name] = x
         return tree
+
+
+_PLANS_BY_TYPE: dict[str, _Plan] = {}  # repr of a type's aspy() -> its plan; a plan is immutable but for its tops cache
+
+
+def _plan_of(v: Value) -> _Plan:
+    """The plan shared by every PV of ``v``'s type: one per subscription cost ~1 KB per PV at 10k PVs."""
+    spec = v.type().aspy()
+    key = repr(spec)
+    plan = _PLANS_BY_TYPE.get(key)
+    if plan is None:
+        plan = _PLANS_BY_TYPE[key] = _Plan(spec)  # a race builds two equal plans: harmless
+    return plan
 
 
 def value_tree(v: Value) -> ValueTree:
     """Full conversion of one Value of a type not seen before."""
-    return _Plan(v.type().aspy()).full(v)
+    return _plan_of(v).full(v)
 
 
 def structure_of(spec) -> Any:
@@ -323,6 +352,9 @@ class _Dispatcher:
 class PVASubscription:
     """A PVA monitor; ``on_event`` runs on the provider's dispatcher thread."""
 
+    __slots__ = ("name", "_on_event", "_provider", "_dispatch", "_lock", "_S", "_woken_early", "_closed", "_plan",
+                 "_last", "_connected", "_waited", "__weakref__")
+
     def __init__(self, provider: "PVAProvider", name: str, on_event: EventCallback):
         self.name = name
         self._on_event = on_event
@@ -350,6 +382,7 @@ class PVASubscription:
 
     def _wakeup(self) -> None:
         # pvxs worker thread: never block here, just hand over.
+        pin_thread_state()
         self._dispatch.submit(self)
 
     def _drain(self) -> bool:
@@ -386,8 +419,8 @@ class PVASubscription:
     def _deliver_value(self, v: Value) -> None:
         try:
             if self._plan is None or self._last is None:
-                self._plan = _Plan(v.type().aspy())
-                tree = self._plan.full(v)
+                self._plan = _plan_of(v)
+                tree = self._plan.full(v, shared=True)
             else:
                 tree = self._plan.update(v, self._last)
         except Exception:
@@ -487,7 +520,7 @@ class PVAProvider:
                 return cached[1].full(v)
             except Exception:
                 pass  # the PV changed its structure under the same id: rebuild
-        plan = _Plan(v.type().aspy())
+        plan = _plan_of(v)
         self._plans[name] = (type_id, plan)
         return plan.full(v)
 
