@@ -47,7 +47,9 @@ _REPLY = {"linger.ms": 0, "socket.nagle.disable": True,
 # bound coalesced 42k events); the others take 1000 topics each (10 s of 1 Hz updates),
 # so that 10k PVs stay near 500 MB when Kafka cannot keep up. Idempotence keeps each
 # PV's events in order across retries (a stream must never step back in time).
-_EVENT = {"linger.ms": 50, "batch.num.messages": 10_000, "batch.size": 4 << 20, "compression.type": "none",
+# batch.size stays under the broker's default 1 MB record-batch limit: a larger batch is
+# refused whole (MSG_SIZE_TOO_LARGE) once a backlog fills it.
+_EVENT = {"linger.ms": 50, "batch.num.messages": 10_000, "batch.size": 1_000_000, "compression.type": "none",
           "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 160 * 1024,
           "delivery.report.only.error": True, "enable.idempotence": True}
 _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbytes": 16 * 1024}
