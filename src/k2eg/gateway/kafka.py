@@ -31,6 +31,10 @@ TOPICS_PER_PRODUCER = 1000
 MAX_EVENT_PRODUCERS = 16  # beyond 16k topics they are shared round-robin
 REPLY_BLOCK_S = 10.0      # longest a reply or snapshot record waits for queue space (worker thread)
 POLL_S = 0.05             # poll thread period: delivery reports and side-table retries
+# Command offsets are committed this often (ms): a gateway killed -9 runs at most this
+# much of its last commands again. A commit per batch instead flooded the group
+# coordinator at thousands of gets/s until heartbeats timed out (bench get_throughput).
+COMMIT_INTERVAL_MS = 200
 LOG_EVERY_S = 10.0        # at most one log line per kind of loss per this many seconds
 
 _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
@@ -101,7 +105,7 @@ class KafkaIO:
         self._route_lock = threading.Lock()
         self._topics_per_producer = topics_per_producer
         sub = {"bootstrap.servers": opts.sub_server_address, "group.id": opts.sub_group_id,
-               "auto.offset.reset": "latest", "enable.auto.commit": True, "auto.commit.interval.ms": 1000,
+               "auto.offset.reset": "latest", "enable.auto.commit": True, "auto.commit.interval.ms": COMMIT_INTERVAL_MS,
                "fetch.wait.max.ms": 10, "session.timeout.ms": 10_000, "heartbeat.interval.ms": 1000,
                "logger": _rdkafka_log}
         sub.update(opts.kv("sub"))
@@ -341,13 +345,6 @@ class KafkaIO:
                             log.warning("command consumer: %s", err)
                         continue
                     yield m.value()
-                # Handed off: commit now, not at the next auto-commit tick, so a gateway
-                # killed a moment later does not run these commands a second time.
-                try:
-                    self.consumer.commit(asynchronous=True)
-                except KafkaException as e:
-                    if e.args[0].code() != KafkaError._NO_OFFSET:
-                        log.warning("committing command offsets: %s", e)
         finally:
             try:
                 self.consumer.close()  # closed by the thread that polls it
