@@ -8,35 +8,20 @@ import time
 
 import pytest
 
-from k2eg.stack.ioc import DemoIOC
-
-from .conftest import Recorder, client_env
+from .conftest import Recorder
 
 INVALID = 3
 
 
 @pytest.fixture(scope="module")
-def ioc(tmp_path_factory):
-    ioc = DemoIOC(tmp_path_factory.mktemp("reconnect-ioc"))
-    ioc.start()
-    try:
-        yield ioc
-    finally:
-        ioc.stop()
+def ioc(demo_ioc):
+    """The module's own demo IOC (conftest's fixture is per module): these tests stop and restart it."""
+    return demo_ioc
 
 
 @pytest.fixture(scope="module")
-def providers(ioc):
-    from k2eg.gateway.epics.ca import CAProvider
-    from k2eg.gateway.epics.pva import PVAProvider
-
-    with client_env(ioc):
-        ca, pva = CAProvider(), PVAProvider()
-    try:
-        yield {"ca": ca, "pva": pva}
-    finally:
-        ca.close()
-        pva.close()
+def providers(ca, pva):
+    return {"ca": ca, "pva": pva}
 
 
 def _since(rec: Recorder, n: int, predicate) -> int:
