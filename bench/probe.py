@@ -52,6 +52,7 @@ def _dumper() -> None:
         if os.path.exists("bench-probe.req"):
             doc = {k: {"count": c, "sum": s, "last": last} for k, (c, s, last) in list(STATS.items())}
             doc["_producer_queue"] = _queue_depth(KAFKA[0]) if KAFKA else -1  # records not yet acknowledged
+            doc["_dropped"] = getattr(KAFKA[0], "dropped", 0) if KAFKA else -1  # lost or coalesced, never in Kafka
             if tracemalloc.is_tracing():
                 snap = tracemalloc.take_snapshot()
                 doc["_python_heap_mb"] = round(sum(s.size for s in snap.statistics("filename")) / 2**20, 1)

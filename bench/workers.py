@@ -4,6 +4,8 @@ usage: python -m bench.workers count {pva|ca} NAME...      (stdin: start / stop)
        python -m bench.workers p4pget NAME SECONDS
        python -m bench.workers echo BOOTSTRAP IN_TOPIC OUT_TOPIC
        python -m bench.workers ping BOOTSTRAP OUT_TOPIC IN_TOPIC SECONDS
+       python -m bench.workers pingmany BOOTSTRAP OUT_TOPIC IN_TOPIC THREADS SECONDS
+       python -m bench.workers drain BOOTSTRAP TOPIC FIRST_OFFSET COUNT
 """
 from __future__ import annotations
 
@@ -138,6 +140,86 @@ def ping(bootstrap: str, dst: str, src: str, seconds: float) -> None:
     os._exit(0)
 
 
+def pingmany(bootstrap: str, dst: str, src: str, threads: int, seconds: float) -> None:
+    """Round trips through ``echo`` from ``threads`` threads at once: what Kafka and two bare Python
+    processes allow for request/reply, with no EPICS and no command or reply parsing at all."""
+    from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+
+    p = Producer({"bootstrap.servers": bootstrap, **FAST_PRODUCER})
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-pingmany", **FAST_CONSUMER})
+    c.assign([TopicPartition(src, 0, OFFSET_END)])
+    c.consume(1, 1.0)
+    waiting: dict[bytes, threading.Event] = {}
+    running = True
+
+    def reader() -> None:
+        while running:
+            m = c.poll(0.05)
+            for m in ([m] + c.consume(500, 0)) if m is not None else ():
+                ev = None if m.error() else waiting.pop(m.value(), None)
+                if ev is not None:
+                    ev.set()
+            p.poll(0)
+
+    done, lat = [0] * threads, [[] for _ in range(threads)]
+    end = time.monotonic() + 2 + seconds
+
+    def loop(i: int) -> None:
+        while time.monotonic() < end:
+            tag, ev = os.urandom(8), threading.Event()
+            waiting[tag] = ev
+            t = time.perf_counter()
+            p.produce(dst, tag)
+            if ev.wait(5):
+                if time.monotonic() < end - seconds:
+                    continue  # warm-up
+                done[i] += 1
+                lat[i].append((time.perf_counter() - t) * 1000)
+
+    threading.Thread(target=reader, daemon=True).start()
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    running = False
+    all_lat = [x for xs in lat for x in xs]
+    print(json.dumps({"threads": threads, "roundtrips_per_s": sum(done) / seconds, "p50_ms": pct(all_lat, 50)}))
+    os._exit(0)
+
+
+def drain(bootstrap: str, topic: str, first: int, count: int) -> None:
+    """The least any Python client does per monitor event: consume, unpack msgpack, call a handler."""
+    import msgpack
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-drain", **FAST_CONSUMER})
+    c.assign([TopicPartition(topic, 0, first)])
+    unpack, seen = msgpack.unpackb, []
+
+    def handler(name, value) -> None:
+        seen.append(name)
+
+    n, t0, cpu0 = 0, None, 0.0
+    while n < count:
+        msgs = c.consume(500, 5.0)
+        if not msgs:
+            break
+        if t0 is None:
+            t0, cpu0 = time.monotonic(), time.process_time()
+        for m in msgs:
+            if m.error() is None:
+                m.headers()
+                rec = unpack(m.value(), raw=False, strict_map_key=False)
+                for name, value in rec.items():
+                    handler(name, value)
+                seen.clear()
+        n += len(msgs)
+    dt = time.monotonic() - t0
+    print(json.dumps({"events": n, "per_s": n / dt, "cpu_us_per_event": 1e6 * (time.process_time() - cpu0) / n}))
+    os._exit(0)
+
+
 if __name__ == "__main__":
     cmd, *a = sys.argv[1:]
     if cmd == "count":
@@ -148,5 +230,9 @@ if __name__ == "__main__":
         echo(*a)
     elif cmd == "ping":
         ping(a[0], a[1], a[2], float(a[3]))
+    elif cmd == "pingmany":
+        pingmany(a[0], a[1], a[2], int(a[3]), float(a[4]))
+    elif cmd == "drain":
+        drain(a[0], a[1], int(a[2]), int(a[3]))
     else:
         raise SystemExit(__doc__)

@@ -129,22 +129,28 @@ class TopicAdmin:
     """Creates topics once; remembers which ones exist and which it created."""
 
     def __init__(self, config: dict):
-        self._admin = AdminClient(config)
+        # Metadata requests for named topics must not create them (PROTOCOL 1).
+        self._admin = AdminClient({**config, "allow.auto.create.topics": False})
         self._known: set[str] = set()
         self.created: set[str] = set()
         self._lock = threading.Lock()
 
     def ensure(self, topics: Iterable[str], timeout: float = 10.0, config: dict[str, str] | None = None) -> list[str]:
-        """Make sure ``topics`` exist (new ones with topic ``config``); return those this call created."""
+        """Make sure ``topics`` exist (new ones with topic ``config``); return those this call created.
+
+        Returns once the broker serves the new topics, not merely once the controller
+        accepted them: a broker takes ~15 s to open 10,000 new partitions, and producers
+        writing to topics it does not serve yet retry metadata for them all the while.
+        """
         with self._lock:
             missing = [t for t in dict.fromkeys(topics) if t not in self._known]
         if not missing:
             return []
         made = []
         for start in range(0, len(missing), CREATE_CHUNK):
+            chunk = missing[start:start + CREATE_CHUNK]
             futures = self._admin.create_topics(
-                [NewTopic(t, num_partitions=1, replication_factor=-1, config=dict(config or {}))
-                 for t in missing[start:start + CREATE_CHUNK]],
+                [NewTopic(t, num_partitions=1, replication_factor=-1, config=dict(config or {})) for t in chunk],
                 operation_timeout=timeout, request_timeout=timeout)
             for topic, fut in futures.items():
                 try:
@@ -153,12 +159,35 @@ class TopicAdmin:
                 except KafkaException as e:
                     if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
+            self._await_served(chunk, timeout)
         with self._lock:
             self._known.update(missing)
             self.created.update(made)
         if made:
             log.debug("created topics %s", made)
         return made
+
+    def _await_served(self, topics: list[str], timeout: float) -> None:
+        """Wait until the broker's metadata lists ``topics`` with a leader; after ``timeout``, go on (logged)."""
+        waiting, deadline, pause = set(topics), time.monotonic() + timeout, 0.02
+        while True:
+            try:
+                if len(waiting) == 1:
+                    md = self._admin.list_topics(next(iter(waiting)), timeout=max(0.1, deadline - time.monotonic()))
+                else:
+                    md = self._admin.list_topics(timeout=max(0.1, deadline - time.monotonic()))
+                waiting = {t for t in waiting if t not in md.topics or md.topics[t].error is not None
+                           or any(p.leader < 0 for p in md.topics[t].partitions.values())}
+            except KafkaException as e:
+                log.debug("topic metadata: %s", e)
+            if not waiting:
+                return
+            if time.monotonic() + pause > deadline:
+                log.warning("%d new topic(s) not served by the broker after %g s, e.g. %s", len(waiting), timeout,
+                            next(iter(waiting)))
+                return
+            time.sleep(pause)
+            pause = min(0.5, pause * 2)
 
     def delete(self, topic: str, timeout: float = 10.0) -> None:
         fut = self._admin.delete_topics([topic], operation_timeout=timeout)[topic]

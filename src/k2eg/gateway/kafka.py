@@ -40,7 +40,12 @@ LOG_EVERY_S = 10.0        # at most one log line per kind of loss per this many 
 _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
            # Long enough to ride out a broker restart from the local queue (issue 7).
            "message.timeout.ms": 300_000,
-           "log.connection.close": False}  # a broker going away is reported once, by error_cb
+           "log.connection.close": False,  # a broker going away is reported once, by error_cb
+           # The gateway creates every topic it writes to (PROTOCOL 1). With auto-create on, a
+           # producer holding records for thousands of topics not yet propagated asks the broker
+           # to create them on each metadata retry, and that storm held a 10k-PV multi-monitor's
+           # topics back for minutes (bench/EXPERIMENTS.md row 21).
+           "allow.auto.create.topics": False}
 # Replies: one command waits for each, so no lingering.
 _REPLY = {"linger.ms": 0, "socket.nagle.disable": True,
           "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
