@@ -279,7 +279,7 @@ def legacy_python() -> str:
 def get_throughput(ctx: Ctx) -> None:
     bench, T, threads = "get_throughput", ctx.args.seconds, 32
     uri = "pva://variable:a"
-    meter = Meter(gateway=ctx.gw_pid)
+    meter = Meter(gateway=ctx.gw_pid, kafka=ctx.stack.kafka.pid, ioc=ctx.stack.ioc.pid)
     ours = run_json([CLIENT, "get", "local", "bench-tput", uri, str(threads), str(T)], env=ctx.client_env())
     load = meter.stop()
     if ctx.args.profile:
@@ -288,9 +288,25 @@ def get_throughput(ctx: Ctx) -> None:
     ctx.stack.create_topic("bench-tput-legacy-reply")  # 0.3.0 waits for its reply topic but never creates it
     legacy = run_json([CLIENT, "get", "local", "bench-tput-legacy", uri, str(threads), str(T)],
                       python=legacy_python(), env=ctx.client_env(legacy=True))
+    # The floor of request/reply through Kafka with Python at both ends: 32 threads, bare records,
+    # relayed by a process that only consumes and produces (no EPICS, no parsing, no encoding).
+    ping, pong = "bench-tput-ping", "bench-tput-pong"
+    for t in (ping, pong):
+        ctx.stack.create_topic(t)
+    echo = Worker(["-m", "bench.workers", "echo", ctx.stack.bootstrap, ping, pong], name="kafka echo")
+    try:
+        echo.expect("ready", 30)
+        bare = run_json(["-m", "bench.workers", "pingmany", ctx.stack.bootstrap, ping, pong, str(threads), str(T)])
+    finally:
+        echo.close()
+    ctx.note(bench, "bare_kafka_relay", bare)
     ctx.row(bench, "gets/s, 32 threads", ours["gets_per_s"], None, ">= 2000", ours["gets_per_s"] >= 2000, "get/s")
     ctx.row(bench, "gets/s vs 0.3.0 client, 32 threads", ours["gets_per_s"], legacy["gets_per_s"], ">= 5 x 0.3.0",
             ours["gets_per_s"] >= 5 * legacy["gets_per_s"], "get/s")
+    ctx.row(bench, "bare Kafka relay round trips/s vs 0.3.0 (ceiling)", bare["roundtrips_per_s"],
+            legacy["gets_per_s"], "(info: >= 5 x 0.3.0 possible?)", None, "trip/s")
+    ctx.row(bench, "gets/s vs bare Kafka relay", ours["gets_per_s"], bare["roundtrips_per_s"], "(info)", None,
+            "get/s")
     ctx.note(bench, "ours", dict(ours, load=load,
                                  gateway_cpu_us_per_get=round(1e6 * load["gateway"] / max(1, ours["gets_per_s"]))))
     ctx.note(bench, "legacy_0.3.0", legacy)
@@ -317,8 +333,27 @@ def monitor_delivery(ctx: Ctx) -> None:
                                                         profile=True)["profile"])
     rate = lambda r: r["backlog_drain_per_s"] or r["overall_per_s"]  # noqa: E731
     ours, legacy = rate(results["ours"]), rate(results["legacy_0.3.0"])
+    # The floor of any Python client: the same backlog read by a bare consume + msgpack unpack +
+    # handler call loop, in one process. If that is under 5 x 0.3.0, no Python client reaches it.
+    high = _high_watermark(ctx, "variable_b")
+    bare = run_json(["-m", "bench.workers", "drain", ctx.stack.bootstrap, "variable_b",
+                     str(max(0, high - ctx.args.events)), str(ctx.args.events)])
+    ctx.note(bench, "bare_consume_unpack", bare)
     ctx.row(bench, "events/s to user handlers", ours, None, ">= 100k", ours >= 100_000, "ev/s")
     ctx.row(bench, "events/s vs 0.3.0 client", ours, legacy, ">= 5 x 0.3.0", ours >= 5 * legacy, "ev/s")
+    ctx.row(bench, "bare consume+unpack loop vs 0.3.0 (ceiling)", bare["per_s"], legacy,
+            "(info: >= 5 x 0.3.0 possible?)", None, "ev/s")
+    ctx.row(bench, "events/s vs bare consume+unpack loop", ours, bare["per_s"], "(info)", None, "ev/s")
+
+
+def _high_watermark(ctx: Ctx, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": ctx.stack.bootstrap, "group.id": "bench-watermark"})
+    try:
+        return c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
+    finally:
+        c.close()
 
 
 def _deliver(ctx: Ctx, who: str, uri: str, count: int, python: str | None, profile: bool = False) -> dict:
@@ -427,6 +462,17 @@ def scale10k(ctx: Ctx) -> None:
     time.sleep(T / 2)
     idle = dict(meter.stop(), rss_mb=round(rss_mb(pid)))
     ctx.note(bench, "idle", idle)
+    # The same topics, 1 record/s each, from bare producers set up as the gateway's: the CPU that
+    # librdkafka alone needs (it sends one ProduceRequest per partition batch), before any EPICS.
+    from k2eg.protocol.uri import pv_topic
+    from k2eg.transport import TopicAdmin
+
+    topics = [pv_topic(u.split("://", 1)[1]) for u in uris]
+    TopicAdmin({"bootstrap.servers": ctx.stack.bootstrap}).ensure(topics, timeout=budget)
+    meter = Meter(kafka=ctx.stack.kafka.pid)
+    bare = run_json(["-m", "bench.workers", "produce1hz", ctx.stack.bootstrap, "450", str(T), *topics])
+    bare["load"] = meter.stop()
+    ctx.note(bench, "bare_librdkafka_10k_topics_1hz", bare)
     t0 = time.monotonic()
     rep = ctx.cmd.request({"command": "multi-monitor", "pv_name_list": uris}, timeout=budget)
     subscribed = len(uris) if not rep.get("error") else 0
@@ -470,6 +516,8 @@ def scale10k(ctx: Ctx) -> None:
 
     ctx.row(bench, f"gateway CPU, {n} PVs at 1 Hz", cpu, idle["gateway"], "<= 0.5 core at 10k PVs",
             verdict(cpu <= 0.5), "cores")
+    ctx.row(bench, f"bare librdkafka publishing {len(topics)} topics at 1 Hz (floor)", bare["cores"], None,
+            "(info: <= 0.5 core possible?)", None, "cores")
     ctx.row(bench, f"gateway RSS, {n} PVs at 1 Hz", rss, idle["rss_mb"], "<= 500 MB at 10k PVs",
             verdict(rss <= 500), "MB")
     ctx.row(bench, f"PV events/s received by the gateway, {n} PVs", last["events_per_s_received"], n,
@@ -524,7 +572,7 @@ def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) 
     L = ["# k2eg benchmark results", "", f"Produced by: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
          f"Machine: {info['cpus']} x {info['cpu']}, Python {info['python']}, git {info['git']}  ",
          f"Code under test: {info['src']}" + (f", gateway extra args: {' '.join(ctx.args.gw_arg)}" if ctx.args.gw_arg else "")
-         + "  ",
+         + "  ", f"Kafka data: {info.get('kafka_data', 'disk')}  ",
          "Real-time scheduling: " + ("allowed (EPICS threads run SCHED_FIFO)" if info["realtime"] else
                                      "off (CAP_SYS_NICE dropped: every process runs SCHED_OTHER)") + "  ",
          f"Load average at start / end: {info['loadavg_start'][0]:.2f} / {os.getloadavg()[0]:.2f} "
@@ -561,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", type=Path, help="run gateway and our client from this source tree (A/B experiments)")
     ap.add_argument("--events", type=int, default=400_000, help="events pre-filled for monitor_delivery (ours)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--disk", action="store_true", help="keep the stack's data (Kafka's log) on disk, not in /dev/shm")
     ap.add_argument("--allow-rt", action="store_true",
                     help="keep CAP_SYS_NICE: EPICS threads (IOCs, libca/pvxs in the gateway) then run SCHED_FIFO "
                          "and can starve Kafka and librdkafka on a small machine")
@@ -587,9 +636,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = free_ports(5)
     ports = dict(zip(["pva_server", "pva_bcast", "ca_server", "ca_pvas", "ca_pvas_bcast"], p))
-    work = Path(tempfile.mkdtemp(prefix="k2eg-bench-"))
+    # Kafka's data on tmpfs unless --disk: on this VM's ext4 the broker's page faults on its
+    # memory-mapped index files, not the gateway, cap 10k partitions (bench/EXPERIMENTS.md row 23).
+    ram = None if args.disk or not os.access("/dev/shm", os.W_OK) else "/dev/shm"
+    work = Path(tempfile.mkdtemp(prefix="k2eg-bench-", dir=ram))
     info = machine()
     info["src"] = str(args.src.resolve()) if args.src else str(ROOT / "src")
+    info["kafka_data"] = "disk" if ram is None else "tmpfs (/dev/shm)"
     print(f"k2eg bench: {', '.join(names)}; work dir {work}; load {info['loadavg_start'][0]:.2f}", flush=True)
     stack = make_stack(work / "stack", bulk, ports, args.gw_arg)
     t0 = time.monotonic()

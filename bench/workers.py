@@ -6,6 +6,7 @@ usage: python -m bench.workers count {pva|ca} NAME...      (stdin: start / stop)
        python -m bench.workers ping BOOTSTRAP OUT_TOPIC IN_TOPIC SECONDS
        python -m bench.workers pingmany BOOTSTRAP OUT_TOPIC IN_TOPIC THREADS SECONDS
        python -m bench.workers drain BOOTSTRAP TOPIC FIRST_OFFSET COUNT
+       python -m bench.workers produce1hz BOOTSTRAP PAYLOAD_BYTES SECONDS TOPIC...
 """
 from __future__ import annotations
 
@@ -220,6 +221,47 @@ def drain(bootstrap: str, topic: str, first: int, count: int) -> None:
     os._exit(0)
 
 
+def produce1hz(bootstrap: str, size: int, seconds: float, topics: list[str]) -> None:
+    """One record per topic per second, evenly spread, through producers set up as the gateway's event
+    producers (same settings, same topics per producer): librdkafka's share of publishing monitors."""
+    from confluent_kafka import Producer
+
+    from bench.util import thread_cpu
+    from k2eg.gateway import kafka as gk
+
+    conf = {"bootstrap.servers": bootstrap, **gk._COMMON, **gk._EVENT}
+    per = gk.TOPICS_PER_PRODUCER
+    producers = [Producer(conf) for _ in range(0, len(topics), per)]
+    route = [(t, producers[i // per]) for i, t in enumerate(topics)]
+    payload = os.urandom(size)
+    for t, p in route:  # metadata and connections first: not measured
+        p.produce(t, payload)
+    for p in producers:
+        p.flush(60)
+    tick, k = 0.01, 0
+    step = max(1, round(len(route) * tick))
+    cpu0, t0 = thread_cpu(os.getpid()), time.monotonic()
+    nxt = t0
+    while time.monotonic() - t0 < seconds:
+        for t, p in route[k:k + step]:
+            p.produce(t, payload)
+        k = (k + step) % len(route)
+        for p in producers:
+            p.poll(0)
+        nxt += tick
+        time.sleep(max(0.0, nxt - time.monotonic()))
+    dt = time.monotonic() - t0
+    cpu1 = thread_cpu(os.getpid())
+    per_thread: dict[str, float] = {}
+    for name, c in cpu1.items():
+        per_thread[name] = per_thread.get(name, 0.0) + (c - cpu0.get(name, 0.0)) / dt
+    queued = sum(len(p) for p in producers)
+    print(json.dumps({"topics": len(route), "records_per_s": round(step / tick), "cores": round(sum(per_thread.values()), 3),
+                      "threads": {k: round(v, 3) for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]) if v >= 0.005},
+                      "queued_at_end": queued}))
+    os._exit(0)
+
+
 if __name__ == "__main__":
     cmd, *a = sys.argv[1:]
     if cmd == "count":
@@ -234,5 +276,7 @@ if __name__ == "__main__":
         pingmany(a[0], a[1], a[2], int(a[3]), float(a[4]))
     elif cmd == "drain":
         drain(a[0], a[1], int(a[2]), int(a[3]))
+    elif cmd == "produce1hz":
+        produce1hz(a[0], int(a[1]), float(a[2]), a[3:])
     else:
         raise SystemExit(__doc__)

@@ -54,3 +54,12 @@ def test_decode_rejects_garbage_with_value_error():
         except ValueError:
             continue
         raise AssertionError(f"{header} accepted")
+
+
+def test_decode_takes_the_header_as_bytes_str_or_missing_in_any_case():
+    rec = {"pv": {"value": 1.5}}
+    packed, as_json = encode(rec, S.MSGPACK), encode(rec, S.JSON)
+    for header in (b"msgpack", "msgpack", None, b"MSGPACK", "MsgPack"):
+        assert decode(packed, header) == rec, header
+    for header in (b"json", "json", b"JSON"):
+        assert decode(as_json, header) == rec, header

@@ -105,6 +105,7 @@ class ClientTransport:
         self._assign_cond = threading.Condition()
         self.handlers: queue.SimpleQueue = queue.SimpleQueue()
         self._handoff: list | None = None   # handler calls of the event batch being read, if any
+        self._event_thread: threading.Thread | None = None  # the only thread that fills _handoff unlocked
         self._handoff_lock = threading.Lock()
         self._shared_group = group_name is not None
         self._unique = f"{app_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -113,7 +114,7 @@ class ClientTransport:
         self._events: Consumer | None = None
         self._threads: list[threading.Thread] = []
         try:
-            self.producer = Producer(self._config({"linger.ms": 0, "socket.nagle.disable": True}))
+            self.producer = Producer(self._config({"linger.ms": 0, "socket.nagle.disable": True, "max.in.flight.requests.per.connection": 1}))
             self.admin = TopicAdmin(self._config())
         except KafkaException as e:
             raise EnvironmentConfigError(
@@ -130,6 +131,7 @@ class ClientTransport:
             threading.Thread(target=self._event_loop, name="k2eg-events", daemon=True),
             threading.Thread(target=self._dispatch_loop, name="k2eg-handlers", daemon=True),
         ]
+        self._event_thread = self._threads[1]
         for t in self._threads:
             t.start()
 
@@ -446,17 +448,19 @@ class ClientTransport:
                     self.handlers.put(batch)
 
     def _on_event(self, m) -> None:
-        if m.error() is not None:
-            if m.error().code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
-                log.debug("event consumer: %s", m.error())
+        err = m.error()
+        if err is not None:
+            if err.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                log.debug("event consumer: %s", err)
             return
-        self._positions[(m.topic(), m.partition())] = m.offset() + 1
-        sink = self._topics.get(m.topic())
+        topic = m.topic()
+        self._positions[(topic, m.partition())] = m.offset() + 1
+        sink = self._topics.get(topic)
         if sink is None:
             return
         rec = self._decode(m)
         if rec is not None:
-            sink(m.topic(), rec)
+            sink(topic, rec)
 
     def _dispatch_loop(self) -> None:
         get = self.handlers.get
@@ -471,6 +475,15 @@ class ClientTransport:
                     log.exception("user handler %s raised", getattr(fn, "__name__", fn))
                 if not self._running:
                     return
+
+    def emit(self, fn: Callable, *args: Any) -> None:
+        """``call_soon`` for sinks, which run on the event thread: that thread owns the batch being
+        filled, so it appends without the lock (bench/EXPERIMENTS.md row 22)."""
+        batch = self._handoff
+        if batch is not None and threading.current_thread() is self._event_thread:
+            batch.append((fn, args))
+        else:
+            self.call_soon(fn, *args)
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run a user handler on the dispatcher thread, after everything queued before it.

@@ -47,7 +47,7 @@ _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
            # topics back for minutes (bench/EXPERIMENTS.md row 21).
            "allow.auto.create.topics": False}
 # Replies: one command waits for each, so no lingering.
-_REPLY = {"linger.ms": 0, "socket.nagle.disable": True,
+_REPLY = {"linger.ms": 0, "socket.nagle.disable": True, "max.in.flight.requests.per.connection": 1,
           "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
 # Monitor events: throughput (the broker's CPU per record falls with fuller requests:
 # bench/EXPERIMENTS.md); only failures come back as delivery reports. Queue bounds are

@@ -88,13 +88,20 @@ def encode(record: dict, ser: Serialization = Serialization.MSGPACK, value_key: 
     return msgpack.packb(flat, default=_np_default, use_bin_type=True)
 
 
+# Header values as they arrive -> serialisation name: every event carries one, so no decode/lower per event.
+_KINDS: dict[Any, str] = {None: "msgpack", **{h: h.decode() for h in (b"msgpack", b"msgpack-compact", b"json")},
+                          **{h: h for h in ("msgpack", "msgpack-compact", "json")}}
+
+
 def decode(data: bytes, header: bytes | str | None) -> Any:
     """Bytes + ``k2eg-ser-type`` header -> Python object; raises ValueError if unreadable.
 
     A compact event ``[name, *leaves]`` comes back as ``{name: [leaves]}`` so
     every consumer can take the first key as the PV name.
     """
-    kind = (header.decode() if isinstance(header, bytes) else (header or "msgpack")).lower()
+    kind = _KINDS.get(header)
+    if kind is None:
+        kind = (header.decode() if isinstance(header, bytes) else (header or "msgpack")).lower()
     try:
         if kind == "json":
             return json.loads(data)

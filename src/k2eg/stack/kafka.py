@@ -422,11 +422,6 @@ class KafkaBroker:
             # auto.create.topics.enable stays at its default (true): the gateway relies on it.
             "num.network.threads": "2",
             "num.io.threads": "4",
-            # An index entry every 4 KB (the default) is a write into a memory-mapped file per
-            # few records; with one small record per partition per second over 10k partitions
-            # those page faults were 97% of the broker's CPU (bench/EXPERIMENTS.md row 21).
-            # Fetches by offset then scan up to 1 MB of log: nothing next to a network hop.
-            "log.index.interval.bytes": "1048576",
         }
         if self.security:
             props.update(self._security_properties(listener))
