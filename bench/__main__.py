@@ -248,15 +248,7 @@ def get_latency(ctx: Ctx) -> None:
     bench, T = "get_latency", ctx.args.seconds
     ours = run_json([CLIENT, "get", "local", "bench-lat", "pva://variable:a", "1", str(T)], env=ctx.client_env())
     p4p = run_json(["-m", "bench.workers", "p4pget", "variable:a", str(T / 2)], env=ctx.epics_env())
-    ping, pong = "bench-ping", "bench-pong"
-    for t in (ping, pong):
-        ctx.stack.create_topic(t)
-    echo = Worker(["-m", "bench.workers", "echo", ctx.stack.bootstrap, ping, pong], name="kafka echo")
-    try:
-        echo.expect("ready", 30)
-        kafka = run_json(["-m", "bench.workers", "ping", ctx.stack.bootstrap, ping, pong, str(T / 2)])
-    finally:
-        echo.close()
+    kafka = _through_echo(ctx, "bench-ping", "ping", str(T / 2))
     base = p4p["p50_ms"] + kafka["roundtrip_p50_ms"]
     ctx.row(bench, "get p50 (1 thread)", ours["p50_ms"], None, "<= 3 ms", ours["p50_ms"] <= 3, "ms")
     ctx.row(bench, "get p50 vs p4p get + Kafka round trip", ours["p50_ms"], base, "<= 2 x baseline",
@@ -265,6 +257,19 @@ def get_latency(ctx: Ctx) -> None:
     ctx.note(bench, "ours", ours)
     ctx.note(bench, "raw_p4p_get", p4p)
     ctx.note(bench, "raw_kafka", kafka)
+
+
+def _through_echo(ctx: Ctx, prefix: str, worker: str, *args: str) -> dict:
+    """Run ``bench.workers <worker>`` against a bare echo relay (two hops, like a get, without EPICS)."""
+    ping, pong = f"{prefix}-ping", f"{prefix}-pong"
+    for t in (ping, pong):
+        ctx.stack.create_topic(t)
+    echo = Worker(["-m", "bench.workers", "echo", ctx.stack.bootstrap, ping, pong], name="kafka echo")
+    try:
+        echo.expect("ready", 30)
+        return run_json(["-m", "bench.workers", worker, ctx.stack.bootstrap, ping, pong, *args])
+    finally:
+        echo.close()
 
 
 def legacy_python() -> str:
@@ -290,15 +295,7 @@ def get_throughput(ctx: Ctx) -> None:
                       python=legacy_python(), env=ctx.client_env(legacy=True))
     # The floor of request/reply through Kafka with Python at both ends: 32 threads, bare records,
     # relayed by a process that only consumes and produces (no EPICS, no parsing, no encoding).
-    ping, pong = "bench-tput-ping", "bench-tput-pong"
-    for t in (ping, pong):
-        ctx.stack.create_topic(t)
-    echo = Worker(["-m", "bench.workers", "echo", ctx.stack.bootstrap, ping, pong], name="kafka echo")
-    try:
-        echo.expect("ready", 30)
-        bare = run_json(["-m", "bench.workers", "pingmany", ctx.stack.bootstrap, ping, pong, str(threads), str(T)])
-    finally:
-        echo.close()
+    bare = _through_echo(ctx, "bench-tput", "pingmany", str(threads), str(T))
     ctx.note(bench, "bare_kafka_relay", bare)
     ctx.row(bench, "gets/s, 32 threads", ours["gets_per_s"], None, ">= 2000", ours["gets_per_s"] >= 2000, "get/s")
     ctx.row(bench, "gets/s vs 0.3.0 client, 32 threads", ours["gets_per_s"], legacy["gets_per_s"], ">= 5 x 0.3.0",

@@ -602,7 +602,9 @@ def test_two_processes_with_the_same_app_name(stack):
             assert description == f"Bulk counter {int(name.split(':')[1])}"
         assert r["three_events"] and {n for n, _ in r["events"]} == {"pva:counter"}
         counts = [v for _, v in r["events"]]
-        assert all(b > a for a, b in zip(counts, counts[1:]))
+        # never backwards; a value may come twice: the other process's monitor command makes the
+        # gateway re-publish the current value (PROTOCOL: repeated monitor), which this one may have seen
+        assert all(b >= a for a, b in zip(counts, counts[1:]))
 
 
 WRITABLE = [  # (uri, value for thread i and round r, how the get shows it)

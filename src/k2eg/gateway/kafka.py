@@ -46,7 +46,9 @@ _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
            # to create them on each metadata retry, and that storm held a 10k-PV multi-monitor's
            # topics back for minutes (bench/EXPERIMENTS.md row 21).
            "allow.auto.create.topics": False}
-# Replies: one command waits for each, so no lingering.
+# Replies: one command waits for each, so no lingering; but one request in flight, so that
+# replies produced meanwhile share the next request: batching that grows with load and costs
+# nothing when idle (broker CPU per get 650-725 -> 260-305 us: bench/EXPERIMENTS.md row 25).
 _REPLY = {"linger.ms": 0, "socket.nagle.disable": True, "max.in.flight.requests.per.connection": 1,
           "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
 # Monitor events: throughput (the broker's CPU per record falls with fuller requests:

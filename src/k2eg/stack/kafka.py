@@ -419,7 +419,8 @@ class KafkaBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
-            # auto.create.topics.enable stays at its default (true): the gateway relies on it.
+            # auto.create.topics.enable stays at its default (true), as on most clusters; the
+            # gateway and our client never rely on it (PROTOCOL 1: they create their topics).
             "num.network.threads": "2",
             "num.io.threads": "4",
         }
