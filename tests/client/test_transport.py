@@ -65,3 +65,36 @@ def test_environment_settings_win_over_client_defaults(tmp_path):
     cfg = t._config({"session.timeout.ms": 10_000, "fetch.wait.max.ms": 10}, group_id="ours")
     assert cfg["session.timeout.ms"] == "30000" and cfg["fetch.wait.max.ms"] == 10
     assert cfg["group.id"] == "ours" and cfg["logger"] is t.kafka_log and cfg["bootstrap.servers"] == "b:9092"
+
+
+class _Watermarks:
+    """Just enough of a Consumer for ``_on_assign``: watermarks per topic, and what got assigned."""
+
+    def __init__(self, marks: dict[str, tuple[int, int]]):
+        self.marks, self.assigned = marks, []
+
+    def get_watermark_offsets(self, tp, timeout=None):
+        return self.marks[tp.topic]
+
+    def committed(self, tps, timeout=None):
+        return []
+
+    def assign(self, tps):
+        self.assigned = tps
+
+
+def test_a_new_monitor_topic_starts_at_its_newest_record_or_at_its_beginning_when_empty():
+    """An empty topic must not start at "the end": that is resolved later and can skip the PV's first value."""
+    import threading
+
+    from confluent_kafka import TopicPartition
+
+    from k2eg.client.transport import ClientTransport
+
+    t = ClientTransport.__new__(ClientTransport)
+    t._positions, t._shared_group = {("known", 0): 42}, False
+    t._assign_cond, t._assigned = threading.Condition(), set()
+    c = _Watermarks({"empty": (0, 0), "used": (3, 10), "known": (0, 99), "expired": (7, 7)})
+    t._on_assign(c, [TopicPartition(n, 0) for n in ("empty", "used", "known", "expired")])
+    assert {p.topic: p.offset for p in c.assigned} == {"empty": 0, "used": 9, "known": 42, "expired": 7}
+    assert t._assigned == {"empty", "used", "known", "expired"}
