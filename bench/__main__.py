@@ -267,7 +267,9 @@ def _through_echo(ctx: Ctx, prefix: str, worker: str, *args: str) -> dict:
     echo = Worker(["-m", "bench.workers", "echo", ctx.stack.bootstrap, ping, pong], name="kafka echo")
     try:
         echo.expect("ready", 30)
-        return run_json(["-m", "bench.workers", worker, ctx.stack.bootstrap, ping, pong, *args])
+        meter = Meter(echo=echo.pid, kafka=ctx.stack.kafka.pid)
+        out = run_json(["-m", "bench.workers", worker, ctx.stack.bootstrap, ping, pong, *args])
+        return dict(out, load=meter.stop())
     finally:
         echo.close()
 
@@ -297,11 +299,28 @@ def get_throughput(ctx: Ctx) -> None:
     # relayed by a process that only consumes and produces (no EPICS, no parsing, no encoding).
     bare = _through_echo(ctx, "bench-tput", "pingmany", str(threads), str(T))
     ctx.note(bench, "bare_kafka_relay", bare)
+    # A CPU floor per get, from two bare parts measured here: the relay's round trip (requester, echo,
+    # broker) plus a bare p4p get (client and IOC), both from 32 threads. The machine's cores divided
+    # by that is the most gets/s any gateway and client could do here, doing nothing else.
+    meter = Meter(ioc=ctx.stack.ioc.pid)
+    p4p = run_json(["-m", "bench.workers", "p4pget", uri.split("://", 1)[1], str(T / 2), str(threads)],
+                   env=ctx.epics_env())
+    p4p["load"] = meter.stop()
+    ctx.note(bench, "bare_p4p_get", p4p)
+    trips = bare["roundtrips_per_s"] * T
+    relay_us = 1e6 * (bare["cpu_s"] + (bare["load"]["echo"] + bare["load"]["kafka"]) * T) / max(1.0, trips)
+    p4p_us = 1e6 * (p4p["cpu_s"] + p4p["load"]["ioc"] * T / 2) / max(1, p4p["n"])
+    cores = os.cpu_count() or 1
+    floor = cores * 1e6 / (relay_us + p4p_us)
+    ctx.note(bench, "floor_per_get_us", {"relay": round(relay_us), "p4p_get": round(p4p_us), "cores": cores,
+                                         "gets_per_s": round(floor)})
     ctx.row(bench, "gets/s, 32 threads", ours["gets_per_s"], None, ">= 2000", ours["gets_per_s"] >= 2000, "get/s")
     ctx.row(bench, "gets/s vs 0.3.0 client, 32 threads", ours["gets_per_s"], legacy["gets_per_s"], ">= 5 x 0.3.0",
             ours["gets_per_s"] >= 5 * legacy["gets_per_s"], "get/s")
     ctx.row(bench, "bare Kafka relay round trips/s vs 0.3.0 (ceiling)", bare["roundtrips_per_s"],
             legacy["gets_per_s"], "(info: >= 5 x 0.3.0 possible?)", None, "trip/s")
+    ctx.row(bench, "cores / CPU per bare relay trip + bare p4p get vs 0.3.0 (ceiling)", floor,
+            legacy["gets_per_s"], "(info: >= 5 x 0.3.0 possible?)", None, "get/s")
     ctx.row(bench, "gets/s vs bare Kafka relay", ours["gets_per_s"], bare["roundtrips_per_s"], "(info)", None,
             "get/s")
     ctx.note(bench, "ours", dict(ours, load=load,

@@ -1,7 +1,7 @@
 """Baseline processes (our venv): bare EPICS clients and raw Kafka round trips.
 
 usage: python -m bench.workers count {pva|ca} NAME...      (stdin: start / stop)
-       python -m bench.workers p4pget NAME SECONDS
+       python -m bench.workers p4pget NAME SECONDS [THREADS]
        python -m bench.workers echo BOOTSTRAP IN_TOPIC OUT_TOPIC
        python -m bench.workers ping BOOTSTRAP OUT_TOPIC IN_TOPIC SECONDS
        python -m bench.workers pingmany BOOTSTRAP OUT_TOPIC IN_TOPIC THREADS SECONDS
@@ -79,17 +79,30 @@ def count(kind: str, names: list[str]) -> None:
     os._exit(0)
 
 
-def p4pget(name: str, seconds: float) -> None:
+def p4pget(name: str, seconds: float, threads: int = 1) -> None:
+    """Bare p4p gets of one PV from ``threads`` threads: latency, and this process's CPU per get."""
     from p4p.client.thread import Context
 
     ctx = Context("pva", nt=False)
     ctx.get(name, timeout=5)
-    lat, end = [], time.monotonic() + seconds
-    while time.monotonic() < end:
-        t = time.perf_counter()
-        ctx.get(name, timeout=5)
-        lat.append((time.perf_counter() - t) * 1000)
-    print(json.dumps({"n": len(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}))
+    lats: list[list[float]] = [[] for _ in range(threads)]
+    end = time.monotonic() + seconds
+
+    def loop(lat: list[float]) -> None:
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            ctx.get(name, timeout=5)
+            lat.append((time.perf_counter() - t) * 1000)
+
+    cpu0 = time.process_time()
+    workers = [threading.Thread(target=loop, args=(lat,)) for lat in lats]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    lat = [x for xs in lats for x in xs]
+    print(json.dumps({"n": len(lat), "threads": threads, "gets_per_s": len(lat) / seconds, "p50_ms": pct(lat, 50),
+                      "p99_ms": pct(lat, 99), "cpu_s": time.process_time() - cpu0}))
     os._exit(0)
 
 
@@ -178,6 +191,8 @@ def pingmany(bootstrap: str, dst: str, src: str, threads: int, seconds: float) -
                 lat[i].append((time.perf_counter() - t) * 1000)
 
     threading.Thread(target=reader, daemon=True).start()
+    mark: list[float] = []  # CPU at the end of the warm-up
+    threading.Timer(2, lambda: mark.append(time.process_time())).start()
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
@@ -185,7 +200,8 @@ def pingmany(bootstrap: str, dst: str, src: str, threads: int, seconds: float) -
         w.join()
     running = False
     all_lat = [x for xs in lat for x in xs]
-    print(json.dumps({"threads": threads, "roundtrips_per_s": sum(done) / seconds, "p50_ms": pct(all_lat, 50)}))
+    print(json.dumps({"threads": threads, "roundtrips_per_s": sum(done) / seconds, "p50_ms": pct(all_lat, 50),
+                      "cpu_s": time.process_time() - mark[0]}))
     os._exit(0)
 
 
@@ -267,7 +283,7 @@ if __name__ == "__main__":
     if cmd == "count":
         count(a[0], a[1:])
     elif cmd == "p4pget":
-        p4pget(a[0], float(a[1]))
+        p4pget(a[0], float(a[1]), int(a[2]) if len(a) > 2 else 1)
     elif cmd == "echo":
         echo(*a)
     elif cmd == "ping":

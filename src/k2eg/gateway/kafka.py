@@ -40,12 +40,12 @@ LOG_EVERY_S = 10.0        # at most one log line per kind of loss per this many 
 _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
            # Long enough to ride out a broker restart from the local queue (issue 7).
            "message.timeout.ms": 300_000,
-           "log.connection.close": False,  # a broker going away is reported once, by error_cb
-           # The gateway creates every topic it writes to (PROTOCOL 1). With auto-create on, a
-           # producer holding records for thousands of topics not yet propagated asks the broker
-           # to create them on each metadata retry, and that storm held a 10k-PV multi-monitor's
-           # topics back for minutes (bench/EXPERIMENTS.md row 21).
-           "allow.auto.create.topics": False}
+           "log.connection.close": False}  # a broker going away is reported once, by error_cb
+# Producers keep librdkafka's allow.auto.create.topics=true although the gateway creates every
+# topic itself (PROTOCOL 1) and only writes once the broker serves it (TopicAdmin.ensure; without
+# that wait, 10k producers' metadata retries held the topics back for minutes: EXPERIMENTS row 21).
+# Off, a broker that answers "unknown topic" while it restarts makes librdkafka write the topic
+# off until its next metadata refresh, minutes later (tests/e2e/test_broker_faults.py lost it).
 # Replies: one command waits for each, so no lingering; but one request in flight, so that
 # replies produced meanwhile share the next request: batching that grows with load and costs
 # nothing when idle (broker CPU per get 650-725 -> 260-305 us: bench/EXPERIMENTS.md row 25).
