@@ -480,10 +480,10 @@ def scale10k(ctx: Ctx) -> None:
     ctx.note(bench, "idle", idle)
     # The same topics, 1 record/s each, from bare producers set up as the gateway's: the CPU that
     # librdkafka alone needs (it sends one ProduceRequest per partition batch), before any EPICS.
-    from k2eg.protocol.uri import pv_topic
+    from k2eg.protocol.uri import parse_pv_uri
     from k2eg.transport import TopicAdmin
 
-    topics = [pv_topic(u.split("://", 1)[1]) for u in uris]
+    topics = [parse_pv_uri(u).topic for u in uris]
     TopicAdmin({"bootstrap.servers": ctx.stack.bootstrap}).ensure(topics, timeout=budget)
     meter = Meter(kafka=ctx.stack.kafka.pid)
     bare = run_json(["-m", "bench.workers", "produce1hz", ctx.stack.bootstrap, "450", str(T), *topics])
@@ -588,7 +588,7 @@ def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) 
     L = ["# k2eg benchmark results", "", f"Produced by: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
          f"Machine: {info['cpus']} x {info['cpu']}, Python {info['python']}, git {info['git']}  ",
          f"Code under test: {info['src']}" + (f", gateway extra args: {' '.join(ctx.args.gw_arg)}" if ctx.args.gw_arg else "")
-         + "  ", f"Kafka data: {info.get('kafka_data', 'disk')}  ",
+         + "  ", f"Kafka data: {info['kafka_data']}  ",
          "Real-time scheduling: " + ("allowed (EPICS threads run SCHED_FIFO)" if info["realtime"] else
                                      "off (CAP_SYS_NICE dropped: every process runs SCHED_OTHER)") + "  ",
          f"Load average at start / end: {info['loadavg_start'][0]:.2f} / {os.getloadavg()[0]:.2f} "

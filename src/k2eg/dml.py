@@ -177,7 +177,7 @@ class dml:  # noqa: N801 - the 0.3.0 name
         name = next(iter(rec))
         t = self._transport  # None once closing: drop the event quietly
         if t is not None and name in self._monitors:
-            t.emit(self._deliver, name, rec[name])
+            t.call_soon(self._deliver, name, rec[name])
 
     def _deliver(self, name: str, value: Any) -> None:
         # Looked up on the dispatcher thread, so no call starts after stop_monitor returns.

@@ -105,7 +105,7 @@ class ClientTransport:
         self._assign_cond = threading.Condition()
         self.handlers: queue.SimpleQueue = queue.SimpleQueue()
         self._handoff: list | None = None   # handler calls of the event batch being read, if any
-        self._event_thread: threading.Thread | None = None  # the only thread that fills _handoff unlocked
+        self._event_ident: int | None = None  # the only thread that fills _handoff without the lock
         self._handoff_lock = threading.Lock()
         self._shared_group = group_name is not None
         self._unique = f"{app_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -134,9 +134,9 @@ class ClientTransport:
             threading.Thread(target=self._event_loop, name="k2eg-events", daemon=True),
             threading.Thread(target=self._dispatch_loop, name="k2eg-handlers", daemon=True),
         ]
-        self._event_thread = self._threads[1]
         for t in self._threads:
             t.start()
+        self._event_ident = self._threads[1].ident
 
     # ------------------------------------------------------------- start-up
     def _config(self, defaults: dict | None = None, **fixed: Any) -> dict:
@@ -482,21 +482,18 @@ class ClientTransport:
                 if not self._running:
                     return
 
-    def emit(self, fn: Callable, *args: Any) -> None:
-        """``call_soon`` for sinks, which run on the event thread: that thread owns the batch being
-        filled, so it appends without the lock (bench/EXPERIMENTS.md row 22)."""
-        batch = self._handoff
-        if batch is not None and threading.current_thread() is self._event_thread:
-            batch.append((fn, args))
-        else:
-            self.call_soon(fn, *args)
-
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run a user handler on the dispatcher thread, after everything queued before it.
 
         While the event thread hands out a batch, calls join that batch (from
         any thread), so a call made after an event was queued runs after it.
+        The event thread itself owns that batch and appends without the lock:
+        it does so once per event (bench/EXPERIMENTS.md row 26).
         """
+        batch = self._handoff
+        if batch is not None and threading.get_ident() == self._event_ident:
+            batch.append((fn, args))
+            return
         with self._handoff_lock:
             if self._handoff is not None:
                 self._handoff.append((fn, args))
