@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from bench.util import pct
+from bench.util import pct, rss_mb
 
 FAST_CONSUMER = {"fetch.wait.max.ms": 5, "fetch.min.bytes": 1, "fetch.queue.backoff.ms": 1,
                  "enable.auto.commit": False}
@@ -74,7 +74,8 @@ def count(kind: str, names: list[str]) -> None:
             c1, dt = os.times(), time.monotonic() - t0
             snap = dict(counts)
             cpu = (c1.user + c1.system - c0.user - c0.system) / dt
-            print(json.dumps({"events": sum(snap.values()), "per_pv": snap, "seconds": dt, "cpu_cores": cpu}),
+            print(json.dumps({"events": sum(snap.values()), "per_pv": snap, "seconds": dt, "cpu_cores": cpu,
+                              "rss_mb": round(rss_mb(os.getpid()))}),
                   flush=True)
     os._exit(0)
 
@@ -274,7 +275,7 @@ def produce1hz(bootstrap: str, size: int, seconds: float, topics: list[str]) -> 
     queued = sum(len(p) for p in producers)
     print(json.dumps({"topics": len(route), "records_per_s": round(step / tick), "cores": round(sum(per_thread.values()), 3),
                       "threads": {k: round(v, 3) for k, v in sorted(per_thread.items(), key=lambda kv: -kv[1]) if v >= 0.005},
-                      "queued_at_end": queued}))
+                      "queued_at_end": queued, "rss_mb": round(rss_mb(os.getpid()))}))
     os._exit(0)
 
 

@@ -227,3 +227,19 @@ def test_last_destination_removed_closes_the_subscription():
     assert not provider.subs["good:a"][0].closed
     hub.remove_destination(pv, "b")
     assert provider.subs["good:a"][0].closed and hub.get(pv) is None
+
+
+def test_hub_says_when_the_set_of_subscriptions_changed():
+    """Once per PV subscribed or dropped (the gateway trims freed memory after), not per destination."""
+    provider, rec, changes = FakeProvider(), Recorder(), []
+    hub = MonitorHub({"pva": provider}, rec, lambda: changes.append(1))
+    pv = parse_pv_uri("pva://good:a")
+    hub.add_destination(pv, "a", C.Serialization.MSGPACK)
+    hub.add_destination(pv, "b", C.Serialization.MSGPACK)
+    hub.add_tap(pv, lambda ch, tree: None)
+    assert len(changes) == 1
+    hub.remove_destination(pv, "a")
+    hub.remove_destination(pv, "b")
+    assert len(changes) == 1  # the tap still holds it
+    hub.remove_tap(pv, next(iter(hub.get(pv).taps)))
+    assert len(changes) == 2 and hub.get(pv) is None

@@ -91,9 +91,10 @@ def _is_disconnected(tree: dict) -> bool:
 
 
 class MonitorHub:
-    def __init__(self, providers: dict[str, Provider], publish: Publish):
+    def __init__(self, providers: dict[str, Provider], publish: Publish, on_change: Callable[[], None] | None = None):
         self._providers = providers
         self._publish = publish
+        self._on_change = on_change  # a PV subscribed or dropped (the gateway trims freed memory after)
         self._channels: dict[PVUri, Channel] = {}
         self._lock = threading.RLock()
         self.opened: dict[PVUri, int] = {}  # EPICS subscriptions ever opened per PV (status, tests)
@@ -107,6 +108,8 @@ class MonitorHub:
             ch.subscription = self._providers[pv.protocol].monitor(pv.name, partial(self._on_event, ch))
             self._channels[pv] = ch
             self.opened[pv] = self.opened.get(pv, 0) + 1
+            if self._on_change is not None:
+                self._on_change()
         return ch
 
     def add_destination(self, pv: PVUri, topic: str, ser: Serialization) -> Channel:
@@ -154,6 +157,8 @@ class MonitorHub:
                     ch.subscription.close()
                 except Exception as e:
                     log.warning("closing subscription of %s: %s", ch.pv, e)
+            if self._on_change is not None:
+                self._on_change()
 
     # ------------------------------------------------------------- events
     def _on_event(self, ch: Channel, tree: dict) -> None:

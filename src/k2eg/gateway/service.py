@@ -20,6 +20,7 @@ from k2eg.protocol.uri import PVUri, snapshot_topic
 from .epics.base import Provider, connect_timeout
 from .expiry import Destinations, ExpiryChecker
 from .kafka import KafkaIO
+from .memory import Trimmer
 from .monitors import MonitorHub
 from .access import PutPolicy, app_of
 from .options import Options
@@ -38,7 +39,8 @@ class Gateway:
         self.io = io
         self.providers = providers
         self.timeout = opts.pv_connection_timeout
-        self.hub = MonitorHub(providers, self._publish_bytes)
+        self.memory = Trimmer()
+        self.hub = MonitorHub(providers, self._publish_bytes, self.memory.changed)
         self.workers = ThreadPoolExecutor(opts.command_workers, thread_name_prefix="k2eg-cmd")
         self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0}
         self.operations: dict[tuple[str, str], int] = {}   # (command, ok|error) -> n, for metrics
@@ -223,6 +225,7 @@ class Gateway:
                     self.destinations.discard(topic, pv)
                 failed.append(pv)
         self._remember_monitors([(pv, t) for pv, t in pairs if pv not in failed], ser)
+        self.memory.changed()  # the command's own garbage (topic creation, state records) is freed by now
         return failed
 
     def _remember_monitors(self, pairs: list[tuple[PVUri, str]], ser: C.Serialization) -> None:
@@ -366,6 +369,7 @@ class Gateway:
         self.snapshots.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.hub.close()
+        self.memory.close()
 
 
 def _loggable(text: str, limit: int = 500) -> str:
