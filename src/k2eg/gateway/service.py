@@ -7,9 +7,9 @@ No handler may raise past ``handle``: the gateway never dies on a command.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from k2eg.protocol import commands as C
@@ -33,6 +33,48 @@ log = logging.getLogger("k2eg.gateway")
 STATUS_MONITORS = 2000  # monitors listed in a status reply: keeps it far below Kafka's 1 MB record limit
 
 
+class Workers:
+    """Command threads fed by one queue, for calls whose result nobody waits for.
+
+    ThreadPoolExecutor builds a Future (with its Condition) and takes a semaphore
+    and two locks per call: ~20% of the gateway's Python samples at 3k gets/s
+    (py-spy, bench get_throughput; bench/EXPERIMENTS.md row 30).
+    """
+
+    def __init__(self, n: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}_{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        """``fn`` must not raise: nothing would see it."""
+        if self._closed:
+            raise RuntimeError("workers shut down")
+        self._queue.put((fn, args))
+
+    def _loop(self) -> None:
+        get = self._queue.get
+        while (item := get()) is not None:
+            item[0](*item[1])
+
+    def shutdown(self, wait: bool = False) -> None:
+        """Drop what has not started (``wait``: run it all and join); running calls finish on their own."""
+        self._closed = True
+        if not wait:
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+
 class Gateway:
     def __init__(self, opts: Options, io: KafkaIO, providers: dict[str, Provider], state: StateStore | None = None):
         self.opts = opts
@@ -41,7 +83,7 @@ class Gateway:
         self.timeout = opts.pv_connection_timeout
         self.memory = Trimmer()
         self.hub = MonitorHub(providers, self._publish_bytes, self.memory.changed)
-        self.workers = ThreadPoolExecutor(opts.command_workers, thread_name_prefix="k2eg-cmd")
+        self.workers = Workers(opts.command_workers, "k2eg-cmd")
         self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0}
         self.operations: dict[tuple[str, str], int] = {}   # (command, ok|error) -> n, for metrics
         self.puts_denied = 0
@@ -367,7 +409,7 @@ class Gateway:
         if self.expiry is not None:
             self.expiry.close()
         self.snapshots.close()
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
         self.hub.close()
         self.memory.close()
 

@@ -486,16 +486,17 @@ class PVAProvider:
     # operations ---------------------------------------------------------------
     def _get_value(self, name: str, timeout: float) -> Value:
         self._check_open()
-        done = threading.Event()
+        done = threading.Lock()  # a one-shot latch: an Event builds a Condition per get (py-spy, 32 threads)
+        done.acquire()
         box: list = []
 
         def on_done(v):
             box.append(v)
-            done.set()
+            done.release()
 
         op = self._ctx.get(name, on_done)
         try:
-            if not done.wait(timeout):
+            if not done.acquire(timeout=timeout):
                 raise connect_timeout(name, timeout)
         finally:
             op.close()
