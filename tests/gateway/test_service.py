@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -85,6 +86,7 @@ class FakeIO:
         self.refuse = refuse
         self.dropped = 0
         self.published = 0
+        self.command_pauses = 0
 
     def ensure_topics(self, topics):
         bad = [t for t in topics if t in self.refuse]
@@ -243,3 +245,23 @@ def test_hub_says_when_the_set_of_subscriptions_changed():
     assert len(changes) == 1  # the tap still holds it
     hub.remove_tap(pv, next(iter(hub.get(pv).taps)))
     assert len(changes) == 2 and hub.get(pv) is None
+
+
+def test_busy_once_the_backlog_of_waiting_commands_is_reached():
+    io, provider = FakeIO(), FakeProvider()
+    g = Gateway(O.parse([*OPTS, "--command-workers", "1", "--command-backlog", "2"], environ={}),
+                io, {"pva": provider, "ca": provider})
+    release = threading.Event()
+    try:
+        for _ in range(3):  # one runs (blocked), two wait
+            g.workers.submit(release.wait)
+        deadline = time.monotonic() + 5
+        while g.workers.waiting() != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert g.busy() and g.status()["command_backlog"] == {"waiting": 2, "limit": 2, "reads_paused": 0}
+        release.set()
+        g.workers.shutdown(wait=True)
+        assert not g.busy()
+    finally:
+        release.set()
+        g.close()

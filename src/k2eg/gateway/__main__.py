@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         # Monitors and snapshots of the previous run resume before any command is served.
         gw.resume(state.load(lambda: stopping))
         gw.start_expiry()
-        for raw in io.commands():
+        for raw in io.commands(busy=gw.busy):
             if raw is not None:
                 gw.handle(raw)
             if not announced and io.assigned.is_set():

@@ -127,6 +127,7 @@ class KafkaIO:
         self.dropped = 0          # records lost for any reason (metrics, status)
         self.coalesced = 0        # monitor events replaced by a newer value of the same PV while Kafka lagged
         self.delivery_failed = 0  # records librdkafka gave up on (e.g. broker away beyond message.timeout.ms)
+        self.command_pauses = 0   # times the command topic was paused for a worker backlog
         self.published = 0        # records and bytes handed to librdkafka (metrics)
         self.published_bytes = 0
         self.latency = None       # a prometheus Histogram when metrics are on (replies and snapshots)
@@ -331,32 +332,63 @@ class KafkaIO:
         consumer.assign(partitions)
         self.assigned.set()
 
-    def commands(self, batch: int = 200) -> Iterator[bytes | None]:
-        """Raw command payloads until ``stop``; yields None when idle."""
+    def commands(self, batch: int = 200, busy: Callable[[], bool] | None = None) -> Iterator[bytes | None]:
+        """Raw command payloads until ``stop``; yields None when idle.
+
+        While ``busy()`` (the workers are behind) the command topic is paused: commands
+        wait in Kafka rather than in memory, and polling goes on so the group keeps us.
+        """
         self.admin.ensure([self.cmd_topic])
         self.consumer = Consumer(self._sub_config)
         self.consumer.subscribe([self.cmd_topic], on_assign=self._on_assign)
         try:
             while self._running and self._running_consumer:
+                if busy is not None and busy():
+                    yield from self._paused(busy)
+                    continue
                 # Wait for one record, then take what is already there: consume(n, t)
                 # alone would hold every command for up to t unless n had arrived.
                 first = self.consumer.poll(0.2)
                 if first is None:
                     yield None
                     continue
-                msgs = [first, *self.consumer.consume(batch - 1, 0)]
-                for m in msgs:
-                    err = m.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("command consumer: %s", err)
-                        continue
-                    yield m.value()
+                yield from self._payloads([first, *self.consumer.consume(batch - 1, 0)])
         finally:
             try:
                 self.consumer.close()  # closed by the thread that polls it
             except Exception as e:
                 log.warning("closing command consumer: %s", e)
+
+    @staticmethod
+    def _payloads(msgs: list) -> Iterator[bytes | None]:
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("command consumer: %s", err)
+                continue
+            yield m.value()
+
+    def _paused(self, busy: Callable[[], bool]) -> Iterator[bytes | None]:
+        consumer = self.consumer
+        assert consumer is not None
+        self.command_pauses += 1
+        n = self._throttles.setdefault("cmd-backlog", _Throttle()).due()
+        if n:
+            log.warning("command workers are behind: reading %s paused until they catch up "
+                        "(%d such pauses in the last %g s)", self.cmd_topic, n, LOG_EVERY_S)
+        try:
+            consumer.pause(consumer.assignment())
+            while busy() and self._running and self._running_consumer:
+                m = consumer.poll(0.05)  # nothing comes from paused partitions; keeps group membership
+                if m is not None:  # fetched before the pause, or assigned since: never dropped
+                    yield from self._payloads([m])
+                yield None
+        finally:
+            try:
+                consumer.resume(consumer.assignment())
+            except KafkaException as e:
+                log.warning("resuming the command topic: %s", e)
 
     def stop_consuming(self) -> None:
         self._running_consumer = False

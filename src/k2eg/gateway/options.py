@@ -111,6 +111,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("pv-connection-timeout", _positive(float), 5.0,
          "seconds to wait for a PV to connect before an error reply (ext)"),
     Spec("command-workers", _positive(int), 32, "threads executing blocking EPICS operations (ext)"),
+    Spec("command-backlog", _positive(int), 1000,
+         "commands waiting for a worker before the gateway stops reading its command topic; "
+         "the rest wait in Kafka (ext)"),
     Spec("state-topic", default="", help="compacted topic keeping monitors and snapshots across restarts; "
                                          "default <cmd-input-topic>-gateway-state; one gateway per topic (ext)"),
     Spec("access-rules", default="", help="put access rules file (ext)"),

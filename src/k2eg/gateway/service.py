@@ -54,6 +54,10 @@ class Workers:
             raise RuntimeError("workers shut down")
         self._queue.put((fn, args))
 
+    def waiting(self) -> int:
+        """Calls not yet started (approximate while threads take them)."""
+        return self._queue.qsize()
+
     def _loop(self) -> None:
         get = self._queue.get
         while (item := get()) is not None:
@@ -163,6 +167,10 @@ class Gateway:
             self.workers.submit(self._safe, fn, *args)
         except RuntimeError:  # pool shut down: we are stopping
             log.warning("gateway stopping: a command was not executed")
+
+    def busy(self) -> bool:
+        """Enough commands wait for a worker: the command loop stops reading until they are taken."""
+        return self.workers.waiting() >= self.opts.command_backlog
 
     def _safe(self, fn: Callable, *args: Any) -> None:
         try:
@@ -389,6 +397,8 @@ class Gateway:
                            "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
                            "failures": sn.failures} for sn in snaps],
             "records_lost": self.io.dropped,
+            "command_backlog": {"waiting": self.workers.waiting(), "limit": self.opts.command_backlog,
+                                "reads_paused": self.io.command_pauses},
         }
         if not detail:
             return doc
