@@ -94,8 +94,9 @@ class FakeIO:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"cannot create topic {bad[0]}: refused")
         return self.admin.ensure(topics)
 
-    def publish(self, topic, key, record, ser=C.Serialization.MSGPACK, value_key=None):
+    def publish(self, topic, key, record, ser=C.Serialization.MSGPACK, value_key=None, on_too_large=None):
         self.log.append(("publish", topic, key, record))
+        self.too_large = on_too_large  # the last reply's: a test plays the broker refusing it
 
     def publish_bytes(self, topic, key, data, ser):
         self.log.append(("publish", topic, key, decode(data, ser.header)))
@@ -265,3 +266,19 @@ def test_busy_once_the_backlog_of_waiting_commands_is_reached():
     finally:
         release.set()
         g.close()
+
+
+def test_a_reply_the_broker_refuses_for_its_size_becomes_an_error_reply(gw):
+    """PROTOCOL 4: never silence. The refusal comes later, on the producer's poll thread."""
+    gw.handle(json.dumps({"command": "get", "pv_name": "pva://good:a", "reply_topic": "app-reply",
+                          "reply_id": "big"}).encode())
+    deadline = time.monotonic() + 5
+    while not any(e[0] == "publish" for e in gw.io.log) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gw.io.too_large(2_000_000, "Broker: Message size too large")
+    run(gw)
+    replies = [e[3] for e in gw.io.log if e[0] == "publish"]
+    assert replies[0]["error"] == 0 and replies[1]["reply_id"] == "big"
+    assert replies[1]["error"] == -2 and "2000000 bytes" in replies[1]["message"]
+    assert "max.message.bytes" in replies[1]["message"]
+    assert gw.io.too_large is None  # the error reply itself is never turned into another one

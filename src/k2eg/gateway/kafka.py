@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from typing import Callable, Iterator
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -64,6 +65,16 @@ _EVENT = {"linger.ms": 50, "batch.num.messages": 10_000, "batch.size": 1_000_000
           "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 160 * 1024,
           "delivery.report.only.error": True, "enable.idempotence": True}
 _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbytes": 16 * 1024}
+
+
+TooLarge = Callable[[int, str], None]  # (record size in bytes, Kafka's reason)
+_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
+
+
+def too_large(size: int, topic: str, why: str) -> str:
+    """The error message for a reply Kafka refused for its size: what to raise, and where."""
+    return (f"the reply is {size} bytes, more than Kafka accepts on topic '{topic}' ({why}); "
+            f"raise the topic's max.message.bytes (and the gateway's --pub-impl-kv message.max.bytes)")
 
 
 class _Throttle:
@@ -186,7 +197,7 @@ class KafkaIO:
         if self._on_delivery_error:
             self._on_delivery_error(topic)
 
-    def _delivered(self, err, msg) -> None:
+    def _delivered(self, err, msg, on_too_large: TooLarge | None = None) -> None:
         """Per-record report of replies and snapshot records: latency, or a loss said out loud."""
         if err is None:
             if self.latency is not None:
@@ -194,7 +205,9 @@ class KafkaIO:
             return
         self.delivery_failed += 1
         self._lost(msg.topic())
-        log.error("record to %s lost: %s", msg.topic(), err)
+        log.error("record of %d bytes to %s lost: %s", len(msg.value() or b""), msg.topic(), err)
+        if on_too_large is not None and err.code() in _TOO_LARGE:
+            on_too_large(len(msg.value() or b""), err.str())
 
     def _event_failed(self, err, msg) -> None:
         """Event producers report failures only (``delivery.report.only.error``)."""
@@ -234,18 +247,28 @@ class KafkaIO:
             return p
 
     def publish(self, topic: str, key: str | bytes | None, record: dict,
-                ser: Serialization = Serialization.MSGPACK, value_key: str | None = None) -> None:
-        self.publish_bytes(topic, key, encode(record, ser, value_key), ser)
+                ser: Serialization = Serialization.MSGPACK, value_key: str | None = None,
+                on_too_large: TooLarge | None = None) -> None:
+        self.publish_bytes(topic, key, encode(record, ser, value_key), ser, on_too_large)
 
-    def publish_bytes(self, topic: str, key, payload: bytes, ser: Serialization) -> None:
+    def publish_bytes(self, topic: str, key, payload: bytes, ser: Serialization,
+                      on_too_large: TooLarge | None = None) -> None:
         """A record that must not be lost nor replaced (reply, snapshot): waits, bounded, for queue space.
 
-        Runs on a worker thread; the poll thread frees the space.
+        Runs on a worker thread; the poll thread frees the space. A record the broker refuses
+        for its size is reported to ``on_too_large(size, why)`` (poll thread); one librdkafka
+        refuses at once raises ProtocolError.
         """
         deadline = time.monotonic() + REPLY_BLOCK_S
+        report = self._delivered if on_too_large is None else partial(self._delivered, on_too_large=on_too_large)
         while True:
             try:
-                self.replies.produce(topic, payload, key, headers=header_value(ser), on_delivery=self._delivered)
+                self.replies.produce(topic, payload, key, headers=header_value(ser), on_delivery=report)
+            except KafkaException as e:
+                if e.args[0].code() not in _TOO_LARGE:
+                    raise
+                self._lost(topic)
+                raise ProtocolError(ErrorCode.EPICS_FAILED, too_large(len(payload), topic, e.args[0].str())) from None
             except BufferError:
                 if time.monotonic() < deadline and self._running:
                     time.sleep(0.01)

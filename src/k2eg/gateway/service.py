@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from functools import partial
 from typing import Any, Callable
 
 from k2eg.protocol import commands as C
@@ -19,7 +20,7 @@ from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .epics.base import Provider, connect_timeout
 from .expiry import Destinations, ExpiryChecker
-from .kafka import KafkaIO
+from .kafka import KafkaIO, too_large
 from .memory import Trimmer
 from .monitors import MonitorHub
 from .access import PutPolicy, app_of
@@ -123,7 +124,12 @@ class Gateway:
         if not cmd.reply_topic:
             return
         self.io.ensure_topics([cmd.reply_topic])
-        self.io.publish(cmd.reply_topic, key, record, cmd.serialization, value_key)
+        refused = None if record.get("error") else partial(self._reply_too_large, cmd, key)
+        self.io.publish(cmd.reply_topic, key, record, cmd.serialization, value_key, refused)
+
+    def _reply_too_large(self, cmd: C.Command, key: str | None, size: int, why: str) -> None:
+        """Poll thread: the broker refused a reply for its size; an error reply says so (never silence)."""
+        self._submit(self.fail, cmd, key, ErrorCode.EPICS_FAILED, too_large(size, cmd.reply_topic, why))
 
     def fail(self, cmd: C.Command, key: str | None, code: int, message: str) -> None:
         """The one exit of every failed command: logged, counted, answered when a reply topic is known."""
