@@ -74,8 +74,7 @@ def count(kind: str, names: list[str]) -> None:
             c1, dt = os.times(), time.monotonic() - t0
             snap = dict(counts)
             cpu = (c1.user + c1.system - c0.user - c0.system) / dt
-            print(json.dumps({"events": sum(snap.values()), "per_pv": snap, "seconds": dt, "cpu_cores": cpu,
-                              "rss_mb": round(rss_mb(os.getpid()))}),
+            print(json.dumps({"events": sum(snap.values()), "per_pv": snap, "seconds": dt, "cpu_cores": cpu}),
                   flush=True)
     os._exit(0)
 

@@ -205,9 +205,10 @@ class KafkaIO:
             return
         self.delivery_failed += 1
         self._lost(msg.topic())
-        log.error("record of %d bytes to %s lost: %s", len(msg.value() or b""), msg.topic(), err)
+        size = len(msg.value() or b"")
+        log.error("record of %d bytes to %s lost: %s", size, msg.topic(), err)
         if on_too_large is not None and err.code() in _TOO_LARGE:
-            on_too_large(len(msg.value() or b""), err.str())
+            on_too_large(size, err.str())
 
     def _event_failed(self, err, msg) -> None:
         """Event producers report failures only (``delivery.report.only.error``)."""

@@ -38,8 +38,8 @@ class Workers:
     """Command threads fed by one queue, for calls whose result nobody waits for.
 
     ThreadPoolExecutor builds a Future (with its Condition) and takes a semaphore
-    and two locks per call: ~20% of the gateway's Python samples at 3k gets/s
-    (py-spy, bench get_throughput; bench/EXPERIMENTS.md row 30).
+    and two locks per call; with the Event each get waited on, that was ~40% of
+    the gateway's Python self-time at 3k gets/s (py-spy; bench/EXPERIMENTS.md row 30).
     """
 
     def __init__(self, n: int, name: str):
