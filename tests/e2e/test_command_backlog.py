@@ -1,7 +1,7 @@
 """More commands than the workers can take wait in Kafka, not in the gateway, and every one is answered.
 
-One worker, a backlog of 3 and a 0.3 s connection timeout: a flood of gets of a
-PV that does not exist keeps the worker busy for seconds, so the gateway pauses
+One worker, a backlog of 3 and a 0.3 s connection timeout: a flood of gets of
+PVs that do not exist (each its own, so no two share a read) keeps the worker busy for seconds, so the gateway pauses
 its command topic and resumes it as the worker catches up.
 """
 from __future__ import annotations
@@ -33,16 +33,16 @@ def test_a_flood_beyond_the_backlog_waits_in_kafka_and_every_command_is_answered
     with dml(backlog_stack.environment, f"backlog-{uuid.uuid4().hex[:8]}") as k:
         outcomes: list = []
 
-        def one() -> None:
+        def one(i: int) -> None:
             try:
-                k.get("pva://no:such:pv", timeout=90)
+                k.get(f"pva://no:such:pv{i}", timeout=90)
                 outcomes.append("value")
             except OperationError as e:
                 outcomes.append(e.error)
             except Exception as e:  # a timeout here would be a command lost or never answered
                 outcomes.append(repr(e))
 
-        threads = [threading.Thread(target=one) for _ in range(FLOOD)]
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(FLOOD)]
         for t in threads:
             t.start()
         for t in threads:

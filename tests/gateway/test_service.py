@@ -38,8 +38,10 @@ class FakeProvider:
 
     def __init__(self):
         self.subs: dict[str, list[FakeSub]] = {}
+        self.reads: list[str] = []
 
     def get(self, name, timeout):
+        self.reads.append(name)
         if not name.startswith("good"):
             raise connect_timeout(name, timeout)
         return {"value": 1.0}
@@ -128,6 +130,32 @@ def test_reply_topic_is_created_before_the_first_reply(gw):
     first_publish = next(i for i, e in enumerate(gw.io.log) if e[0] == "publish")
     assert first_ensure < first_publish
     assert gw.io.replies("app-reply") == [{"error": 0, "reply_id": "1", "good:a": {"value": 1.0}}]
+
+
+def _get(pv: str, reply_id: str, topic: str = "app-reply") -> bytes:
+    return json.dumps({"command": "get", "pv_name": pv, "reply_topic": topic, "reply_id": reply_id}).encode()
+
+
+def test_gets_of_one_pv_read_in_one_poll_share_one_epics_read(gw):
+    """Each still gets its own reply (reply_id, topic); other commands of the poll run as usual."""
+    gw.handle(_get("pva://good:a", "1"), _get("pva://good:b", "2"), _get("pva://good:a", "3", "other-reply"),
+              b"{", _get("ca://good:a", "4"), _get("pva://good:a", "5"))
+    gw.workers.shutdown(wait=True)
+    assert sorted(gw.providers["pva"].reads) == ["good:a", "good:a", "good:b"]  # pva://good:a once, ca://good:a once
+    assert sorted(r["reply_id"] for r in gw.io.replies("app-reply")) == ["1", "2", "4", "5"]
+    assert gw.io.replies("other-reply") == [{"error": 0, "reply_id": "3", "good:a": {"value": 1.0}}]
+    assert gw.counters == {"received": 6, "bad": 1, "failed": 1, "unanswerable": 1}  # the "{"
+    assert gw.operations == {("get", "ok"): 5}
+
+
+def test_a_shared_read_that_fails_fails_each_get_with_its_reason(gw):
+    gw.handle(*(_get("pva://no:such", str(i)) for i in range(3)))
+    gw.workers.shutdown(wait=True)
+    assert gw.providers["pva"].reads == ["no:such"]  # one connection timeout, not three in a row
+    replies = gw.io.replies("app-reply")
+    assert sorted(r["reply_id"] for r in replies) == ["0", "1", "2"]
+    assert {r["error"] for r in replies} == {ErrorCode.TIMEOUT} and all("no:such" in r["message"] for r in replies)
+    assert gw.operations == {("get", "error"): 3}
 
 
 def test_handle_survives_a_parser_bug(gw, monkeypatch):

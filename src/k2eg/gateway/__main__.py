@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         # Monitors and snapshots of the previous run resume before any command is served.
         gw.resume(state.load(lambda: stopping))
         gw.start_expiry()
-        for raw in io.commands(busy=gw.busy):
-            if raw is not None:
-                gw.handle(raw)
+        for raws in io.commands(busy=gw.busy):
+            gw.handle(*raws)
             if not announced and io.assigned.is_set():
                 announced = True
                 # Printed, not logged: the stack and the tests wait for this line at any log level.

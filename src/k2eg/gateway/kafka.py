@@ -356,8 +356,8 @@ class KafkaIO:
         consumer.assign(partitions)
         self.assigned.set()
 
-    def commands(self, batch: int = 200, busy: Callable[[], bool] | None = None) -> Iterator[bytes | None]:
-        """Raw command payloads until ``stop``; yields None when idle.
+    def commands(self, batch: int = 200, busy: Callable[[], bool] | None = None) -> Iterator[list[bytes | None]]:
+        """Raw command payloads, as read together in one poll, until ``stop``; an empty list when idle.
 
         While ``busy()`` (the workers are behind) the command topic is paused: commands
         wait in Kafka rather than in memory, and polling goes on so the group keeps us.
@@ -373,10 +373,7 @@ class KafkaIO:
                 # Wait for one record, then take what is already there: consume(n, t)
                 # alone would hold every command for up to t unless n had arrived.
                 first = self.consumer.poll(0.2)
-                if first is None:
-                    yield None
-                    continue
-                yield from self._payloads([first, *self.consumer.consume(batch - 1, 0)])
+                yield [] if first is None else self._payloads([first, *self.consumer.consume(batch - 1, 0)])
         finally:
             try:
                 self.consumer.close()  # closed by the thread that polls it
@@ -384,16 +381,18 @@ class KafkaIO:
                 log.warning("closing command consumer: %s", e)
 
     @staticmethod
-    def _payloads(msgs: list) -> Iterator[bytes | None]:
+    def _payloads(msgs: list) -> list[bytes | None]:
+        out = []
         for m in msgs:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("command consumer: %s", err)
                 continue
-            yield m.value()
+            out.append(m.value())
+        return out
 
-    def _paused(self, busy: Callable[[], bool]) -> Iterator[bytes | None]:
+    def _paused(self, busy: Callable[[], bool]) -> Iterator[list[bytes | None]]:
         consumer = self.consumer
         assert consumer is not None
         self.command_pauses += 1
@@ -405,9 +404,8 @@ class KafkaIO:
             consumer.pause(consumer.assignment())
             while busy() and self._running and self._running_consumer:
                 m = consumer.poll(0.05)  # nothing comes from paused partitions; keeps group membership
-                if m is not None:  # fetched before the pause, or assigned since: never dropped
-                    yield from self._payloads([m])
-                yield None
+                # fetched before the pause, or assigned since: never dropped
+                yield [] if m is None else self._payloads([m])
         finally:
             try:
                 consumer.resume(consumer.assignment())

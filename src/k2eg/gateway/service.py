@@ -146,27 +146,45 @@ class Gateway:
             log.error("cannot answer %s on %s: %s", cmd.name or "command", cmd.reply_topic, e.message)
 
     # ------------------------------------------------------------- entry
-    def handle(self, raw: bytes | None) -> None:
-        """Consumer thread: parse and hand off. Never raises."""
+    def handle(self, *raws: bytes | None) -> None:
+        """Consumer thread: parse and hand off the commands read in one poll. Never raises.
+
+        Gets of one PV among them share one EPICS read (``_get_together``).
+        """
+        gets: dict[tuple[str, str], list[C.Get]] = {}
+        for raw in raws:
+            cmd = self._parse(raw)
+            if cmd is None:
+                continue
+            if type(cmd) is C.Get:
+                gets.setdefault((cmd.pv.protocol, cmd.pv.name), []).append(cmd)
+                continue
+            handler = self.handlers.get(type(cmd))
+            if handler is None:
+                self._submit(self.fail, cmd, replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
+                             f"command '{cmd.name}' is not available on this gateway")
+            else:
+                self._submit(self._run, handler, cmd)
+        for same in gets.values():
+            if len(same) == 1:
+                self._submit(self._run, self.on_get, same[0])
+            else:
+                self._submit(self._get_together, same)
+
+    def _parse(self, raw: bytes | None) -> C.Command | None:
+        """The command, or None once its parse error is on its way to the sender."""
         self._count("received")
         try:
-            cmd = C.parse_command(raw)
+            return C.parse_command(raw)
         except C.CommandError as e:
             self._count("bad")
             self._submit(self.fail, e.envelope, replies.PARSE_ERROR_KEY, e.code, e.message)
-            return
         except Exception as e:  # a parser bug must not stop the command loop
             self._count("bad")
             log.exception("cannot parse a command of %d bytes", len(raw or b""))
             self._submit(self.fail, C.Command(), replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
                          f"command could not be read: {type(e).__name__}")
-            return
-        handler = self.handlers.get(type(cmd))
-        if handler is None:
-            self._submit(self.fail, cmd, replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
-                         f"command '{cmd.name}' is not available on this gateway")
-            return
-        self._submit(self._run, handler, cmd)
+        return None
 
     def _submit(self, fn: Callable, *args: Any) -> None:
         try:
@@ -200,10 +218,10 @@ class Gateway:
             return replies.STATUS_KEY
         return replies.PARSE_ERROR_KEY
 
-    def _run(self, handler: Callable[[Any], None], cmd: C.Command) -> None:
+    def _run(self, handler: Callable[..., None], cmd: C.Command, *args: Any) -> None:
         ok = False
         try:
-            handler(cmd)
+            handler(cmd, *args)
             ok = True
         except ProtocolError as e:
             self.fail(cmd, self._key(cmd), e.code, e.message)
@@ -214,6 +232,14 @@ class Gateway:
             key = (cmd.name, "ok" if ok else "error")
             with self._lock:
                 self.operations[key] = self.operations.get(key, 0) + 1
+
+    def _get_together(self, gets: list[C.Get]) -> None:
+        """Gets of one PV read in one poll: one EPICS read, issued after all of them arrived, answers
+        each (so none gets a value older than its command), or its failure fails each. Under load
+        this is what spares the IOC and the gateway one read per get (bench/EXPERIMENTS.md row 32)."""
+        read = _once(self.read)
+        for cmd in gets:
+            self._run(self.on_get, cmd, read)
 
     def metrics(self) -> dict:
         """Everything the Prometheus endpoint shows, read at scrape time."""
@@ -238,8 +264,8 @@ class Gateway:
         return self.provider(pv).get(pv.name, self.timeout)
 
     # ------------------------------------------------------------- commands
-    def on_get(self, cmd: C.Get) -> None:
-        tree = self.read(cmd.pv)
+    def on_get(self, cmd: C.Get, read: Callable[[PVUri], dict] | None = None) -> None:
+        tree = (read or self.read)(cmd.pv)
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, tree), cmd.pv.uri, cmd.pv.name)
 
     def on_put(self, cmd: C.Put) -> None:
@@ -428,6 +454,24 @@ class Gateway:
         self.workers.shutdown()
         self.hub.close()
         self.memory.close()
+
+
+def _once(fn: Callable[[PVUri], dict]) -> Callable[[PVUri], dict]:
+    """``fn`` called at most once: later calls get its value or raise its exception again."""
+    outcome: list = []
+
+    def call(pv: PVUri) -> dict:
+        if not outcome:
+            try:
+                outcome.append((fn(pv), None))
+            except Exception as e:
+                outcome.append((None, e))
+        value, error = outcome[0]
+        if error is not None:
+            raise error
+        return value
+
+    return call
 
 
 def _loggable(text: str, limit: int = 500) -> str:
