@@ -1,13 +1,14 @@
-"""Client start-up without a broker, and librdkafka's logging (no stack needed)."""
+"""Client start-up without a broker, librdkafka's logging and reply correlation (no stack needed)."""
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 import pytest
 
 from k2eg.client.errors import KafkaUnavailable
-from k2eg.client.transport import KafkaLog
+from k2eg.client.transport import KafkaLog, Pending
 from k2eg.dml import dml
 
 
@@ -98,3 +99,18 @@ def test_a_new_monitor_topic_starts_at_its_newest_record_or_at_its_beginning_whe
     t._on_assign(c, [TopicPartition(n, 0) for n in ("empty", "used", "known", "expired")])
     assert {p.topic: p.offset for p in c.assigned} == {"empty": 0, "used": 9, "known": 42, "expired": 7}
     assert t._assigned == {"empty", "used", "known", "expired"}
+
+
+def test_a_pending_command_keeps_the_first_of_reply_and_failure():
+    p = Pending()
+    assert not p.wait(0.01) and not p.wait(-1)  # nothing yet; a spent timeout does not raise
+    p.settle({"reply_id": "1"})
+    p.fail(KafkaUnavailable("too late"))  # e.g. the client closing after the reply came
+    assert p.wait(0) and p.record == {"reply_id": "1"} and p.error is None
+
+
+def test_a_waiting_command_wakes_on_failure_from_another_thread():
+    p = Pending()
+    threading.Timer(0.05, p.fail, args=(KafkaUnavailable("gone"),)).start()
+    assert p.wait(30)
+    assert isinstance(p.error, KafkaUnavailable) and p.record is None

@@ -15,6 +15,7 @@ are queued to the event thread), and closed only once that thread is gone.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -22,7 +23,6 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -73,18 +73,33 @@ class KafkaLog(KafkaWatch):
         self.logger.log(level, "%s", text)
 
 
-@dataclass
 class Pending:
-    """One command awaiting its reply (or the reason it never gets one)."""
+    """One command awaiting its reply (or the reason it never gets one); the first of the two wins.
 
-    done: threading.Event = field(default_factory=threading.Event)
-    record: dict | None = None
-    error: BaseException | None = None
+    The latch is a held Lock: an Event builds a Condition and a waiter lock for every
+    wait, which the gateway's workers measured at thousands of gets/s (bench/EXPERIMENTS.md
+    row 30).
+    """
+
+    __slots__ = ("_latch", "_claims", "record", "error")
+
+    def __init__(self) -> None:
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._claims = itertools.count()
+        self.record: dict | None = None
+        self.error: BaseException | None = None
+
+    def settle(self, record: dict | None = None, error: BaseException | None = None) -> None:
+        if next(self._claims) == 0:  # atomic under the GIL: only the first caller gets 0
+            self.record, self.error = record, error
+            self._latch.release()
 
     def fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
+        self.settle(error=error)
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._latch.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
 
 
 class ClientTransport:
@@ -263,7 +278,7 @@ class ClientTransport:
             self.send(cmd, lambda err: p.fail(KafkaUnavailable(
                 f"command not delivered to topic '{self.env.cmd_topic}' at {self.env.kafka_broker_url}: "
                 f"{err.str()}")))
-            if not p.done.wait(timeout):
+            if not p.wait(timeout):
                 return None
             if p.error is not None:
                 raise p.error
@@ -356,9 +371,7 @@ class ClientTransport:
             p = self._pending.get(rid)
             sink = None if p is not None else self._streams.get(rid)
         if p is not None:
-            if not p.done.is_set():
-                p.record = rec
-                p.done.set()
+            p.settle(rec)
         elif sink is not None:
             try:
                 sink(rec)
