@@ -53,7 +53,8 @@ def tree(v, t=None):
 
 
 class Rig:
-    def __init__(self, settle=0.0):
+    def __init__(self, settle=0.0, refuse=()):
+        self.refuse = set(refuse)  # PV names whose records the "broker" refuses for their size
         self.prov = FakeProvider()
         self.events: list[tuple[str, bytes]] = []
         self.hub = MonitorHub({"pva": self.prov, "ca": self.prov}, lambda t, k, d, s: self.events.append((t, d)))
@@ -68,10 +69,20 @@ class Rig:
             self.replies.append(record)
             self.cond.notify_all()
 
-    def _publish(self, topic, key, record, ser, value_key):
-        with self.cond:
-            self.records.append((topic, key, dict(record)))
-            self.cond.notify_all()
+    def _publish(self, topic, key, record, ser, value_key, on_too_large=None, on_settled=None):
+        """Delivery reports come later, from another thread, as from a producer's poll thread."""
+        refused = value_key in self.refuse and "cannot encode" not in str(record)
+        if not (refused and on_too_large):
+            with self.cond:
+                self.records.append((topic, key, dict(record)))
+                self.cond.notify_all()
+
+        def report():
+            if refused and on_too_large:
+                on_too_large(2_000_000, "Broker: Message size too large")
+            if on_settled:
+                on_settled()
+        threading.Timer(0.02, report).start()
 
     def wait(self, pred, timeout=5.0):
         with self.cond:
@@ -160,6 +171,19 @@ def test_one_shot_known_value_at_once_silent_pv_read_unknown_pv_reported_complet
     assert "running" not in rig.prov.closed and {"silent", "unknown"} <= set(rig.prov.closed)
     rig.prov.emit("running", tree(3))
     assert rig.events and rig.events[-1][0] == "mon"
+
+
+def test_one_shot_record_the_broker_refuses_becomes_an_error_record_before_completion():
+    rig = Rig(refuse={"big"})
+    rig.prov.values.update(big=tree(1), small=tree(2))
+    cmd = C.Snapshot(reply_topic="r", reply_id="s2", pvs=pvs("pva://big", "pva://small"), time_window_msec=20)
+    rig.mgr.one_shot(cmd)
+    recs = [r for _, _, r in rig.records]
+    assert recs[-1] == {"error": 1, "reply_id": "s2"} and len(recs) == 3
+    by_name = {k: v for r in recs[:-1] for k, v in r.items() if k not in ("error", "reply_id")}
+    assert by_name["small"]["value"] == 2
+    why = by_name["big"]["alarm"]["message"]
+    assert by_name["big"]["alarm"]["severity"] == 3 and "2000000 bytes" in why and "max.message.bytes" in why
 
 
 def test_one_shot_of_many_unreachable_pvs_costs_one_timeout_not_one_each():

@@ -68,6 +68,7 @@ _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbyt
 
 
 TooLarge = Callable[[int, str], None]  # (record size in bytes, Kafka's reason)
+Settled = Callable[[], None]           # after a record's delivery report, whatever it said
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 
 
@@ -197,18 +198,20 @@ class KafkaIO:
         if self._on_delivery_error:
             self._on_delivery_error(topic)
 
-    def _delivered(self, err, msg, on_too_large: TooLarge | None = None) -> None:
+    def _delivered(self, err, msg, on_too_large: TooLarge | None = None, on_settled: Settled | None = None) -> None:
         """Per-record report of replies and snapshot records: latency, or a loss said out loud."""
         if err is None:
             if self.latency is not None:
                 self.latency.observe(msg.latency() or 0.0)
-            return
-        self.delivery_failed += 1
-        self._lost(msg.topic())
-        size = len(msg.value() or b"")
-        log.error("record of %d bytes to %s lost: %s", size, msg.topic(), err)
-        if on_too_large is not None and err.code() in _TOO_LARGE:
-            on_too_large(size, err.str())
+        else:
+            self.delivery_failed += 1
+            self._lost(msg.topic())
+            size = len(msg.value() or b"")
+            log.error("record of %d bytes to %s lost: %s", size, msg.topic(), err)
+            if on_too_large is not None and err.code() in _TOO_LARGE:
+                on_too_large(size, err.str())
+        if on_settled is not None:
+            on_settled()
 
     def _event_failed(self, err, msg) -> None:
         """Event producers report failures only (``delivery.report.only.error``)."""
@@ -249,19 +252,22 @@ class KafkaIO:
 
     def publish(self, topic: str, key: str | bytes | None, record: dict,
                 ser: Serialization = Serialization.MSGPACK, value_key: str | None = None,
-                on_too_large: TooLarge | None = None) -> None:
-        self.publish_bytes(topic, key, encode(record, ser, value_key), ser, on_too_large)
+                on_too_large: TooLarge | None = None, on_settled: Settled | None = None) -> None:
+        self.publish_bytes(topic, key, encode(record, ser, value_key), ser, on_too_large, on_settled)
 
     def publish_bytes(self, topic: str, key, payload: bytes, ser: Serialization,
-                      on_too_large: TooLarge | None = None) -> None:
+                      on_too_large: TooLarge | None = None, on_settled: Settled | None = None) -> None:
         """A record that must not be lost nor replaced (reply, snapshot): waits, bounded, for queue space.
 
         Runs on a worker thread; the poll thread frees the space. A record the broker refuses
-        for its size is reported to ``on_too_large(size, why)`` (poll thread); one librdkafka
-        refuses at once raises ProtocolError.
+        for its size is reported to ``on_too_large(size, why)``, and every record's report
+        ends with ``on_settled()`` (both on the poll thread: they must not wait for the
+        caller). A record librdkafka refuses at once raises ProtocolError, and one dropped
+        for a full queue gets neither.
         """
         deadline = time.monotonic() + REPLY_BLOCK_S
-        report = self._delivered if on_too_large is None else partial(self._delivered, on_too_large=on_too_large)
+        report = (self._delivered if on_too_large is None and on_settled is None
+                  else partial(self._delivered, on_too_large=on_too_large, on_settled=on_settled))
         while True:
             try:
                 self.replies.produce(topic, payload, key, headers=header_value(ser), on_delivery=report)

@@ -65,6 +65,7 @@ from k2eg.protocol import replies
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import PVUri, snapshot_topic
 
+from .kafka import too_large
 from .monitors import Channel, MonitorHub
 from .state import SnapshotState, StateStore, snapshot_key
 
@@ -76,6 +77,7 @@ MAX_SHIFT_S = 0.05      # the instant moves back at most this far to avoid cutti
 HISTORY = 16            # values kept per PV to choose from
 MAX_FAILURES = 5        # consecutive failed iterations before a snapshot gives up
 MAX_PENDING = 1000      # queued triggers/stops per snapshot
+DELIVERY_WAIT_S = 5.0  # a one-shot snapshot's completion waits this long at most for Kafka's verdicts
 COMM_ALARM = 9          # alarm status of a PV the gateway could not talk to (as for a lost connection)
 
 
@@ -143,9 +145,14 @@ def coherent(history: Mapping[Hashable, Sequence[tuple[float | None, Any]]], arr
 # ----------------------------------------------------------------------------- one-shot
 
 class OneShot:
-    """Publishes each PV's first value, reads the silent ones at the window's end, then completes."""
+    """Publishes each PV's first value, reads the silent ones at the window's end, then completes.
 
-    def __init__(self, cmd: C.Snapshot, hub: MonitorHub, publish: Callable[[dict, str | None], None],
+    A record the broker refuses for its size is replaced by an error record for its PV
+    before completion, so the caller still learns about every PV it asked for; that is
+    why completion waits for Kafka's delivery reports.
+    """
+
+    def __init__(self, cmd: C.Snapshot, hub: MonitorHub, publish: Callable[..., None],
                  read: Callable[[PVUri], dict], pool: ThreadPoolExecutor | None = None, read_timeout: float = 5.0):
         self.cmd, self.hub, self.publish, self.read, self.pool = cmd, hub, publish, read, pool
         self.read_timeout = read_timeout
@@ -153,6 +160,30 @@ class OneShot:
         self.closed = False
         self.lock = threading.Lock()
         self.all_sent = threading.Event()
+        # Delivery reports come on the producer's poll thread, which must never wait for self.lock
+        # (held while publishing, which may wait for that thread to free queue space).
+        self.reports = threading.Condition()
+        self.unsettled = 0
+        self.refused: dict[PVUri, str] = {}
+
+    def _send(self, pv: PVUri, tree: Any) -> None:
+        with self.reports:
+            self.unsettled += 1
+        try:
+            self.publish(replies.value(self.cmd.reply_id, pv.name, tree), pv.name,
+                         lambda size, why: self._refused(pv, size, why), self._settled)
+        except BaseException:
+            self._settled()  # no report will come for it
+            raise
+
+    def _refused(self, pv: PVUri, size: int, why: str) -> None:
+        with self.reports:
+            self.refused[pv] = too_large(size, self.cmd.reply_topic, why)
+
+    def _settled(self) -> None:
+        with self.reports:
+            self.unsettled -= 1
+            self.reports.notify_all()
 
     def _offer(self, pv: PVUri, tree: Any) -> None:
         """Publish ``pv``'s record unless it already has one. Under the lock, so completion comes last."""
@@ -161,13 +192,22 @@ class OneShot:
                 return
             self.sent.add(pv)
             try:
-                self.publish(replies.value(self.cmd.reply_id, pv.name, tree), pv.name)
+                self._send(pv, tree)
             except Exception as e:  # a value we cannot encode still gets its record
                 log.exception("snapshot %s: cannot publish the value of %s", self.cmd.reply_id, pv)
-                self.publish(replies.value(self.cmd.reply_id, pv.name,
-                                           unreadable(f"cannot encode the value: {type(e).__name__}: {e}")), pv.name)
+                self._send(pv, unreadable(f"cannot encode the value: {type(e).__name__}: {e}"))
             if len(self.sent) == len(self.cmd.pvs):
                 self.all_sent.set()
+
+    def _replace_refused(self) -> None:
+        """Kafka's verdicts on the records sent; each one refused for its size becomes an error record."""
+        with self.reports:
+            if not self.reports.wait_for(lambda: self.unsettled <= 0, DELIVERY_WAIT_S):
+                log.warning("snapshot %s: %d records still unconfirmed by Kafka at completion",
+                            self.cmd.reply_id, self.unsettled)
+            refused, self.refused = self.refused, {}
+        for pv, why in refused.items():
+            self.publish(replies.value(self.cmd.reply_id, pv.name, unreadable(why)), pv.name)
 
     def _tap(self, ch: Channel, tree: dict) -> None:
         self._offer(ch.pv, tree)
@@ -217,6 +257,7 @@ class OneShot:
                 self.closed = True
             for pv in self.cmd.pvs:
                 self.hub.remove_tap(pv, self._tap)
+        self._replace_refused()
         self.publish(replies.snapshot_complete(self.cmd.reply_id), None)
 
 
@@ -500,7 +541,7 @@ class SnapshotManager:
                  state: StateStore | None = None):
         self.hub = hub
         self.reply = reply                  # (cmd, record, key) -> None
-        self.publish_record = publish_record  # (topic, key, record, ser, value_key) -> None
+        self.publish_record = publish_record  # (topic, key, record, ser, value_key[, on_too_large, on_settled])
         self.read = read
         self.ensure_topics = ensure_topics
         if connect_timeout is None:         # the gateway's --pv-connection-timeout, as its read() uses it
@@ -519,8 +560,10 @@ class SnapshotManager:
     def one_shot(self, cmd: C.Snapshot) -> None:
         self.ensure_topics([cmd.reply_topic])
 
-        def publish(record: dict, value_key: str | None) -> None:
-            self.publish_record(cmd.reply_topic, replies.SNAPSHOT_KEY, record, cmd.serialization, value_key)
+        def publish(record: dict, value_key: str | None, refused: Callable | None = None,
+                    settled: Callable | None = None) -> None:
+            self.publish_record(cmd.reply_topic, replies.SNAPSHOT_KEY, record, cmd.serialization, value_key,
+                                refused, settled)
 
         OneShot(cmd, self.hub, publish, self.read, self.readers, self.connect_timeout).run()
 
