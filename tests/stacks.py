@@ -29,3 +29,26 @@ def own_stack(tmp_path_factory, name: str = "stack", *gateway_args: str, bulk: i
         else:
             os.environ["K2EG_PYTHON_CONFIGURATION_PATH_FOLDER"] = old
         s.stop()
+
+
+def app_with_a_small_reply_topic(stack, app_name: str) -> str:
+    """An app name whose reply topic takes the records of ``pva://variable:a`` and error records
+    (~450 bytes) but not one carrying ``pva://pva:image``'s value: its limit sits halfway between
+    the two records' sizes, measured through a normal topic (both get the same batch overhead)."""
+    import msgpack
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from k2eg.dml import dml
+
+    def record(k, uri: str) -> int:
+        name = uri.split("://", 1)[1]
+        return len(msgpack.packb({"error": 0, "reply_id": "x" * 36, name: k.get(uri, timeout=10)}))
+
+    with dml(stack.environment, app_name) as k:
+        image, small = record(k, "pva://pva:image"), max(600, record(k, "pva://variable:a"))
+    assert image - small > 150, (image, small)
+    name = f"{app_name}-small"
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    admin.create_topics([NewTopic(f"{name}-reply", 1, 1, config={"max.message.bytes": str((image + small) // 2)})])[
+        f"{name}-reply"].result(10)
+    return name

@@ -3,6 +3,8 @@ import pytest
 
 from k2eg import OperationError
 
+from ..stacks import app_with_a_small_reply_topic
+
 pytestmark = pytest.mark.e2e
 
 
@@ -51,18 +53,9 @@ def test_get_bad_uri_is_refused_by_the_client(k):
 
 def test_a_reply_larger_than_its_topic_accepts_is_an_error_reply(stack, app_name):
     """The broker refuses the value reply for its size; the client hears why instead of timing out."""
-    import msgpack
-    from confluent_kafka.admin import AdminClient, NewTopic
-
     from k2eg.dml import dml
 
-    with dml(stack.environment, app_name) as k:  # the PV's reply size through a normal topic
-        size = len(msgpack.packb({"error": 0, "reply_id": "x" * 36, "pva:image": k.get("pva://pva:image", timeout=10)}))
-    assert size > 800  # the error reply (~450 bytes with the batch around it) must still fit
-    small = f"{app_name}-small"
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
-    admin.create_topics([NewTopic(f"{small}-reply", 1, 1, config={"max.message.bytes": str(size - 150)})])[
-        f"{small}-reply"].result(10)
+    small = app_with_a_small_reply_topic(stack, app_name)
     with dml(stack.environment, small) as k:
         with pytest.raises(OperationError) as e:
             k.get("pva://pva:image", timeout=20)

@@ -72,10 +72,19 @@ Settled = Callable[[], None]           # after a record's delivery report, whate
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 
 
-def too_large(size: int, topic: str, why: str) -> str:
-    """The error message for a reply Kafka refused for its size: what to raise, and where."""
+def too_large(size: int, topic: str, why: str, batch: bool = True) -> str:
+    """The error message for a reply Kafka refused for its size: what to raise, and where.
+
+    The broker (``batch``) refuses a whole record batch above the topic's limit, so a
+    small reply batched with a large one is refused with it; librdkafka's own check
+    at produce time is about the one record.
+    """
+    if batch:
+        return (f"Kafka refused the reply ({size} bytes) on topic '{topic}' ({why}): it, or the batch it went "
+                f"in with other replies, is larger than the topic's max.message.bytes; raise that "
+                f"(and the gateway's --pub-impl-kv message.max.bytes)")
     return (f"the reply is {size} bytes, more than Kafka accepts on topic '{topic}' ({why}); "
-            f"raise the topic's max.message.bytes (and the gateway's --pub-impl-kv message.max.bytes)")
+            f"raise the gateway's --pub-impl-kv message.max.bytes (and the topic's max.message.bytes)")
 
 
 class _Throttle:
@@ -275,7 +284,8 @@ class KafkaIO:
                 if e.args[0].code() not in _TOO_LARGE:
                     raise
                 self._lost(topic)
-                raise ProtocolError(ErrorCode.EPICS_FAILED, too_large(len(payload), topic, e.args[0].str())) from None
+                raise ProtocolError(ErrorCode.EPICS_FAILED,
+                                    too_large(len(payload), topic, e.args[0].str(), batch=False)) from None
             except BufferError:
                 if time.monotonic() < deadline and self._running:
                     time.sleep(0.01)
