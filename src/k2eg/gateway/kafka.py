@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from functools import partial
 from typing import Callable, Iterator
 
@@ -156,6 +157,10 @@ class KafkaIO:
         # thread in first-come order. Bounded by the number of monitored (topic, PV) pairs.
         self._pending: dict[tuple[str, object], tuple[bytes, Serialization]] = {}
         self._pending_lock = threading.Lock()
+        # Replies the broker refused for their size, to be sent again one at a time (poll thread only):
+        # the broker refuses a whole batch, so a small reply may have gone down with a large one.
+        self._resend: deque = deque()
+        self._resending = False
         self._throttles: dict[str, _Throttle] = {}
         self._on_delivery_error = on_delivery_error
         self._running = True
@@ -207,20 +212,50 @@ class KafkaIO:
         if self._on_delivery_error:
             self._on_delivery_error(topic)
 
-    def _delivered(self, err, msg, on_too_large: TooLarge | None = None, on_settled: Settled | None = None) -> None:
-        """Per-record report of replies and snapshot records: latency, or a loss said out loud."""
+    def _delivered(self, err, msg, on_too_large: TooLarge | None = None, on_settled: Settled | None = None,
+                   alone: bool = False) -> None:
+        """Per-record report of replies and snapshot records: latency, or a loss said out loud.
+
+        A reply refused for its size is first sent again on its own (``_resend_next``); only a
+        refusal of it alone goes to ``on_too_large``, and ``on_settled`` waits for that verdict.
+        """
         if err is None:
             if self.latency is not None:
                 self.latency.observe(msg.latency() or 0.0)
+        elif err.code() in _TOO_LARGE and on_too_large is not None and not alone:
+            self._resend.append((msg.topic(), msg.value(), msg.key(), msg.headers(), on_too_large, on_settled))
+            return
         else:
-            self.delivery_failed += 1
-            self._lost(msg.topic())
             size = len(msg.value() or b"")
-            log.error("record of %d bytes to %s lost: %s", size, msg.topic(), err)
+            self._failed(msg.topic(), size, err)
             if on_too_large is not None and err.code() in _TOO_LARGE:
                 on_too_large(size, err.str())
         if on_settled is not None:
             on_settled()
+
+    def _failed(self, topic: str, size: int, why: object) -> None:
+        self.delivery_failed += 1
+        self._lost(topic)
+        log.error("record of %d bytes to %s lost: %s", size, topic, why)
+
+    def _resend_next(self) -> None:
+        """Poll thread: the next refused reply goes out while no other one is in flight, so it is not
+        batched with another refused one (replies produced meanwhile may still share its batch)."""
+        topic, value, key, headers, on_too_large, on_settled = self._resend.popleft()
+        self._resending = True
+
+        def done(err, msg) -> None:
+            self._resending = False
+            self._delivered(err, msg, on_too_large, on_settled, alone=True)
+
+        try:
+            self.replies.produce(topic, value, key, headers=headers, on_delivery=done)
+        except (BufferError, KafkaException) as e:
+            self._resending = False
+            self._failed(topic, len(value or b""), e)
+            on_too_large(len(value or b""), str(e))
+            if on_settled is not None:
+                on_settled()
 
     def _event_failed(self, err, msg) -> None:
         """Event producers report failures only (``delivery.report.only.error``)."""
@@ -235,6 +270,8 @@ class KafkaIO:
             for p in self.events:
                 p.poll(0)
             self.replies.poll(POLL_S)
+            if self._resend and not self._resending:
+                self._resend_next()
             if self._pending:
                 self._retry_pending()
 
@@ -441,5 +478,6 @@ class KafkaIO:
         left = len(self._pending)
         for p in self.producers:
             left += p.flush(max(0.0, deadline - time.monotonic()))
+        left += len(self._resend)  # refused once for their size; no poll thread left to send them again
         if left:
             log.error("%d records not delivered at shutdown", left)
