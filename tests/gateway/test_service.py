@@ -298,8 +298,7 @@ def test_busy_once_the_backlog_of_waiting_commands_is_reached():
 
 def test_a_reply_the_broker_refuses_for_its_size_becomes_an_error_reply(gw):
     """PROTOCOL 4: never silence. The refusal comes later, on the producer's poll thread."""
-    gw.handle(json.dumps({"command": "get", "pv_name": "pva://good:a", "reply_topic": "app-reply",
-                          "reply_id": "big"}).encode())
+    gw.handle(_get("pva://good:a", "big"))
     deadline = time.monotonic() + 5
     while not any(e[0] == "publish" for e in gw.io.log) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -103,7 +103,7 @@ class Gateway:
         self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read, self.io.ensure_topics,
                                          state=state)
         self.handlers: dict[type, Callable[[Any], None]] = {
-            C.Get: self.on_get, C.Put: self.on_put, C.Info: self.on_info,
+            C.Put: self.on_put, C.Info: self.on_info,  # gets: _get_together
             C.Monitor: self.on_monitor, C.MultiMonitor: self.on_multi_monitor,
             C.Snapshot: self.snapshots.one_shot, C.RepeatingSnapshot: self.snapshots.start,
             C.SnapshotTrigger: self.snapshots.trigger, C.SnapshotStop: self.snapshots.stop,
@@ -166,10 +166,7 @@ class Gateway:
             else:
                 self._submit(self._run, handler, cmd)
         for same in gets.values():
-            if len(same) == 1:
-                self._submit(self._run, self.on_get, same[0])
-            else:
-                self._submit(self._get_together, same)
+            self._submit(self._get_together, same)
 
     def _parse(self, raw: bytes | None) -> C.Command | None:
         """The command, or None once its parse error is on its way to the sender."""
@@ -264,8 +261,8 @@ class Gateway:
         return self.provider(pv).get(pv.name, self.timeout)
 
     # ------------------------------------------------------------- commands
-    def on_get(self, cmd: C.Get, read: Callable[[PVUri], dict] | None = None) -> None:
-        tree = (read or self.read)(cmd.pv)
+    def on_get(self, cmd: C.Get, read: Callable[[PVUri], dict]) -> None:
+        tree = read(cmd.pv)
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, tree), cmd.pv.uri, cmd.pv.name)
 
     def on_put(self, cmd: C.Put) -> None:
