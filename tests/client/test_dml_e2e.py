@@ -304,9 +304,12 @@ def test_monitor_delivers_name_and_value_in_order(k, stack, uri):
     assert {n for n, _ in got} == {name} and len(got) > before_stop >= 10
     delivered = [stamp(v) for _, v in got]
     assert is_contiguous_run(delivered, topic_events(stack, pv_topic(name), name)), delivered
-    if name == "pva:counter":  # one source only: strictly counting up
+    if name == "pva:counter":  # one source only: strictly counting up, but for the first value:
+        # when the PV is already monitored into this topic (an earlier test's monitor, not yet
+        # expired), our monitor command re-publishes the current value (PROTOCOL: repeated monitor)
+        # and the client starts one record before the end, so that value may come twice.
         values = [v for v, _, _ in delivered]
-        assert all(b > a for a, b in zip(values, values[1:])), values
+        assert values[0] <= values[1] and all(b > a for a, b in zip(values[1:], values[2:])), values
 
 
 def test_no_event_reaches_the_handler_after_stop_monitor(k):
