@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from typing import Any, Callable, Dict
 
 from confluent_kafka import Consumer, TopicPartition
@@ -96,7 +95,7 @@ class dml:  # noqa: N801 - the 0.3.0 name
         return tuple(dict.fromkeys(self._pv(u) for u in pv_uri_list))
 
     def _envelope(self) -> dict:
-        return {"reply_topic": self._t.reply_topic, "reply_id": str(uuid.uuid4()), "serialization": self._serialization}
+        return {"reply_topic": self._t.reply_topic, "reply_id": self._t.reply_id(), "serialization": self._serialization}
 
     def _call(self, cmd: C.Command, timeout: float | None, what: str) -> dict:
         rec = self._t.request(cmd, timeout)

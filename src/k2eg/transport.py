@@ -135,6 +135,11 @@ class TopicAdmin:
         self.created: set[str] = set()
         self._lock = threading.Lock()
 
+    def missing(self, topics: Iterable[str]) -> list[str]:
+        """Those of ``topics`` not known to exist: ``ensure`` would ask the broker about them."""
+        with self._lock:
+            return [t for t in dict.fromkeys(topics) if t not in self._known]
+
     def ensure(self, topics: Iterable[str], timeout: float = 10.0, config: dict[str, str] | None = None) -> list[str]:
         """Make sure ``topics`` exist (new ones with topic ``config``); return those this call created.
 
@@ -142,8 +147,7 @@ class TopicAdmin:
         accepted them: a broker takes ~15 s to open 10,000 new partitions, and producers
         writing to topics it does not serve yet retry metadata for them all the while.
         """
-        with self._lock:
-            missing = [t for t in dict.fromkeys(topics) if t not in self._known]
+        missing = self.missing(topics)
         if not missing:
             return []
         made = []

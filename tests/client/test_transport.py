@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import uuid
 
 import pytest
 
 from k2eg.client.errors import KafkaUnavailable
-from k2eg.client.transport import KafkaLog, Pending
+from k2eg.client.transport import KafkaLog, Pending, ReplyIds
 from k2eg.dml import dml
 
 
@@ -114,3 +115,11 @@ def test_a_waiting_command_wakes_on_failure_from_another_thread():
     threading.Timer(0.05, p.fail, args=(KafkaUnavailable("gone"),)).start()
     assert p.wait(30)
     assert isinstance(p.error, KafkaUnavailable) and p.record is None
+
+
+def test_reply_ids_look_like_0_3_0_uuids_and_never_repeat():
+    ids, other = ReplyIds(), ReplyIds()
+    mine = [ids() for _ in range(1000)]
+    assert len(set(mine)) == 1000
+    assert all(uuid.UUID(i).version == 4 and str(uuid.UUID(i)) == i for i in mine)
+    assert other()[:24] != mine[0][:24]  # two clients sharing a reply topic still tell their replies apart

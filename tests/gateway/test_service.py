@@ -69,6 +69,20 @@ class FakeProvider:
         pass
 
 
+class FakeCallingBackProvider(FakeProvider):
+    """A provider whose gets call back (as PVA does): the test answers them through ``calls``."""
+
+    def __init__(self, refuse: bool = False):
+        super().__init__()
+        self.calls: list[tuple] = []  # (name, timeout, done)
+        self.refuse = refuse
+
+    def get_async(self, name, timeout, done):
+        if self.refuse:
+            raise ProtocolError(ErrorCode.EPICS_FAILED, "PVA provider is closed")
+        self.calls.append((name, timeout, done))
+
+
 class FakeAdmin:
     def __init__(self, log):
         self.log = log
@@ -107,6 +121,9 @@ class FakeIO:
 
     def replies(self, topic):
         return [e[3] for e in self.log if e[0] == "publish" and e[1] == topic]
+
+    def publishes_at_once(self, topics):
+        return set(topics) <= self.admin.created
 
 
 @pytest.fixture
@@ -156,6 +173,53 @@ def test_a_shared_read_that_fails_fails_each_get_with_its_reason(gw):
     assert sorted(r["reply_id"] for r in replies) == ["0", "1", "2"]
     assert {r["error"] for r in replies} == {ErrorCode.TIMEOUT} and all("no:such" in r["message"] for r in replies)
     assert gw.operations == {("get", "error"): 3}
+
+
+@pytest.fixture
+def calling_back():
+    io, provider = FakeIO(), FakeCallingBackProvider()
+    g = Gateway(O.parse([*OPTS, "--command-backlog", "3"], environ={}), io, {"pva": provider, "ca": FakeProvider()})
+    yield g
+    g.close()
+
+
+def test_gets_of_a_provider_that_calls_back_are_answered_from_its_callback(calling_back):
+    """No worker waits for the read; the callback's thread answers each get of the poll."""
+    g, provider = calling_back, calling_back.providers["pva"]
+    g.io.admin.created.add("app-reply")
+    g.handle(_get("pva://good:a", "1"), _get("pva://good:a", "2"), _get("pva://good:b", "3"))
+    assert [(n, t) for n, t, _ in provider.calls] == [("good:a", 0.3), ("good:b", 0.3)] and provider.reads == []
+    assert g.status()["command_backlog"]["reading"] == 3 and g.busy()  # the backlog is 3
+    answering = threading.Thread(target=provider.calls[0][2], args=({"value": 2.0}, None))
+    answering.start()
+    answering.join()
+    provider.calls[1][2](None, connect_timeout("good:b", 0.3))
+    replies = {r["reply_id"]: r for r in g.io.replies("app-reply")}
+    assert replies["1"] == {"error": 0, "reply_id": "1", "good:a": {"value": 2.0}} and replies["2"]["good:a"]
+    assert replies["3"]["error"] == ErrorCode.TIMEOUT and "good:b" in replies["3"]["message"]
+    assert g.status()["command_backlog"]["reading"] == 0 and not g.busy()
+    assert g.operations == {("get", "ok"): 2, ("get", "error"): 1}
+
+
+def test_a_get_whose_reply_topic_is_new_is_read_on_a_worker(calling_back):
+    """Creating the topic blocks, which the provider's callback thread must not do."""
+    g, provider = calling_back, calling_back.providers["pva"]
+    g.handle(_get("pva://good:a", "1"))
+    g.workers.shutdown(wait=True)
+    assert provider.calls == [] and provider.reads == ["good:a"]
+    assert g.io.replies("app-reply") == [{"error": 0, "reply_id": "1", "good:a": {"value": 1.0}}]
+
+
+def test_a_read_the_provider_refuses_to_start_fails_each_get(calling_back):
+    g, provider = calling_back, calling_back.providers["pva"]
+    g.io.admin.created.add("app-reply")
+    provider.refuse = True
+    g.handle(_get("pva://good:a", "1"), _get("pva://good:a", "2"))
+    g.workers.shutdown(wait=True)
+    replies = g.io.replies("app-reply")
+    assert sorted(r["reply_id"] for r in replies) == ["1", "2"]
+    assert all(r["error"] == ErrorCode.EPICS_FAILED and "closed" in r["message"] for r in replies)
+    assert g.status()["command_backlog"]["reading"] == 0
 
 
 def test_handle_survives_a_parser_bug(gw, monkeypatch):
@@ -287,7 +351,8 @@ def test_busy_once_the_backlog_of_waiting_commands_is_reached():
         deadline = time.monotonic() + 5
         while g.workers.waiting() != 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert g.busy() and g.status()["command_backlog"] == {"waiting": 2, "limit": 2, "reads_paused": 0}
+        assert g.busy() and g.status()["command_backlog"] == {"waiting": 2, "reading": 0, "limit": 2,
+                                                             "reads_paused": 0}
         release.set()
         g.workers.shutdown(wait=True)
         assert not g.busy()

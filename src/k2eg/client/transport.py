@@ -102,6 +102,21 @@ class Pending:
         return self._latch.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
 
 
+class ReplyIds:
+    """Reply ids shaped like the uuid4 0.3.0 sent: random per client, then counted in the last 12 digits.
+
+    ``uuid4()`` per command reads ``os.urandom``, which lets go of the GIL; getting it back among
+    32 busy threads cost a context switch per command (bench/EXPERIMENTS.md row 36).
+    """
+
+    def __init__(self) -> None:
+        self._prefix = str(uuid.uuid4())[:24]
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFF:012x}"
+
+
 class ClientTransport:
     def __init__(self, env: Environment, app_name: str, group_name: str | None = None,
                  startup_timeout: float = 10.0):
@@ -124,6 +139,7 @@ class ClientTransport:
         self._handoff_lock = threading.Lock()
         self._shared_group = group_name is not None
         self._unique = f"{app_name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.reply_id = ReplyIds()
         self.group_id = group_name or self._unique
         self._replies: Consumer | None = None
         self._events: Consumer | None = None
@@ -267,7 +283,8 @@ class ClientTransport:
                                        f"{self.env.kafka_broker_url}: {err.str()}") from None
         else:
             raise KafkaUnavailable(f"the producer queue to {self.env.kafka_broker_url} stays full; is Kafka down?")
-        self.producer.poll(0)
+        # No poll(0) here: it lets go of the GIL, and getting it back among 32 busy threads cost a
+        # context switch per command; the reply loop serves delivery reports (EXPERIMENTS row 36).
 
     def request(self, cmd: C.Command, timeout: float | None) -> dict | None:
         """Send ``cmd`` and wait for its reply; None on timeout."""

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -171,6 +171,13 @@ class KafkaIO:
     @property
     def producers(self) -> list[Producer]:
         return [self.replies, *self.events]
+
+    def publishes_at_once(self, topics: Iterable[str]) -> bool:
+        """A reply to ``topics`` would neither create a topic nor wait for queue space.
+
+        Only then may a library callback thread (pvxs) publish it: that thread must not block.
+        """
+        return len(self.replies) < _REPLY["queue.buffering.max.messages"] // 2 and not self.admin.missing(topics)
 
     def queue_depth(self) -> int:
         """Records not yet acknowledged by the broker, including those waiting in the side table."""

@@ -1,7 +1,9 @@
 """The gateway's command handling: one command in, replies and subscriptions out.
 
 Parsing happens on the consumer thread; anything that may block on EPICS
-runs on a bounded worker pool so one slow PV never holds up other commands.
+runs on a bounded worker pool so one slow PV never holds up other commands,
+except PVA gets: those are started on the consumer thread and answered from
+p4p's callback, which waits for nothing.
 No handler may raise past ``handle``: the gateway never dies on a command.
 """
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Gateway:
         self.identity = gateway_identity(opts.cmd_input_topic)
         self.rates = RateMeter()
         self._lock = threading.Lock()
+        self._gets_reading = 0                  # gets whose read a provider will call back (no worker holds them)
         self.state = state                      # None: nothing survives a restart (unit tests)
         self.destinations = Destinations()      # monitor destination topics, for expiry
         self.expiry: ExpiryChecker | None = None
@@ -166,7 +169,7 @@ class Gateway:
             else:
                 self._submit(self._run, handler, cmd)
         for same in gets.values():
-            self._submit(self._get_together, same)
+            self._read_for(same)
 
     def _parse(self, raw: bytes | None) -> C.Command | None:
         """The command, or None once its parse error is on its way to the sender."""
@@ -190,8 +193,8 @@ class Gateway:
             log.warning("gateway stopping: a command was not executed")
 
     def busy(self) -> bool:
-        """Enough commands wait for a worker: the command loop stops reading until they are taken."""
-        return self.workers.waiting() >= self.opts.command_backlog
+        """Enough commands wait, for a worker or for their PV: the command loop stops reading until fewer do."""
+        return self.workers.waiting() + self._gets_reading >= self.opts.command_backlog
 
     def _safe(self, fn: Callable, *args: Any) -> None:
         try:
@@ -230,10 +233,41 @@ class Gateway:
             with self._lock:
                 self.operations[key] = self.operations.get(key, 0) + 1
 
-    def _get_together(self, gets: list[C.Get]) -> None:
+    def _read_for(self, gets: list[C.Get]) -> None:
         """Gets of one PV read in one poll: one EPICS read, issued after all of them arrived, answers
         each (so none gets a value older than its command), or its failure fails each. Under load
-        this is what spares the IOC and the gateway one read per get (bench/EXPERIMENTS.md row 32)."""
+        this is what spares the IOC and the gateway one read per get (bench/EXPERIMENTS.md row 32).
+
+        Where the provider calls back (PVA) and the replies cannot block, the read is started
+        here and answered from the callback, with no worker in between (row 37).
+        """
+        pv = gets[0].pv
+        get_async = getattr(self.provider(pv), "get_async", None)
+        if get_async is None or not self.io.publishes_at_once(cmd.reply_topic for cmd in gets if cmd.reply_topic):
+            self._submit(self._get_together, gets)
+            return
+        with self._lock:
+            self._gets_reading += len(gets)
+        try:
+            get_async(pv.name, self.timeout, partial(self._answer_gets, gets))
+        except Exception as e:
+            self._submit(self._answer_gets, gets, None, e)
+
+    def _answer_gets(self, gets: list[C.Get], tree: dict | None, error: Exception | None) -> None:
+        """The end of an asynchronous read, on the provider's thread: each get answered."""
+        with self._lock:
+            self._gets_reading -= len(gets)
+
+        def read(_pv: PVUri) -> dict:
+            if error is not None:
+                raise error
+            return tree
+
+        for cmd in gets:
+            self._run(self.on_get, cmd, read)
+
+    def _get_together(self, gets: list[C.Get]) -> None:
+        """``_read_for`` on a worker: one blocking read for all."""
         read = _once(self.read)
         for cmd in gets:
             self._run(self.on_get, cmd, read)
@@ -426,7 +460,8 @@ class Gateway:
                            "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
                            "failures": sn.failures} for sn in snaps],
             "records_lost": self.io.dropped,
-            "command_backlog": {"waiting": self.workers.waiting(), "limit": self.opts.command_backlog,
+            "command_backlog": {"waiting": self.workers.waiting(), "reading": self._gets_reading,
+                                "limit": self.opts.command_backlog,
                                 "reads_paused": self.io.command_pauses},
         }
         if not detail:

@@ -288,6 +288,53 @@ def test_concurrent_gets_share_the_context(pva):
     assert errors == []
 
 
+class _Answers:
+    """``done`` of ``get_async``: every call kept, with the thread it came from."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, tree, error):
+        with self.cond:
+            self.calls.append((tree, error, threading.current_thread().name))
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[tuple]:
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.calls) >= n, timeout)
+            return list(self.calls)
+
+
+def test_get_async_answers_once_from_another_thread_with_the_same_tree_as_get(pva):
+    answers = _Answers()
+    pva.get_async("variable:a", 5, answers)
+    [(tree, error, thread)] = answers.wait(1)
+    assert error is None and thread != threading.current_thread().name
+    assert tree.keys() == pva.get("variable:a", 5).keys() and tree["display"]["units"] == "mm"
+    threading.Event().wait(0.3)
+    assert len(answers.calls) == 1  # the deadline, cancelled, never answers a second time
+
+
+def test_get_async_of_a_missing_pv_answers_a_timeout_after_the_timeout(pva):
+    answers = _Answers()
+    pva.get_async("no:such:pv:async", 0.3, answers)
+    assert answers.calls == []  # nothing yet: no thread waited, the call returned at once
+    [(tree, error, thread)] = answers.wait(1, timeout=10)
+    assert tree is None and isinstance(error, PVError) and error.code == ErrorCode.TIMEOUT
+    assert "no:such:pv:async" in error.message and thread == "pva-get-deadlines"
+
+
+def test_many_get_async_at_once_are_each_answered_once(pva):
+    answers = _Answers()
+    names = (RECORDS + PVA_ONLY) * 20
+    for name in names:
+        pva.get_async(name, 5, answers)
+    calls = answers.wait(len(names), timeout=60)
+    threading.Event().wait(0.2)
+    assert len(answers.calls) == len(names) and all(e is None for _, e, _ in calls)
+
+
 # -- IOC restart -------------------------------------------------------------------
 def test_ioc_restart_marks_disconnect_then_resumes(tmp_path, recorder):
     ioc = DemoIOC(tmp_path / "ioc").start()

@@ -7,14 +7,21 @@ here knows about Kafka or serialisation.
 from __future__ import annotations
 
 import ctypes
+import itertools
+import logging
 import sys
 import threading
+import time
+from collections import OrderedDict
 from typing import Any, Callable, Protocol
 
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 
 ValueTree = dict[str, Any]
 EventCallback = Callable[[ValueTree], None]
+GetDone = Callable[[ValueTree | None, Exception | None], None]  # (tree, None) or (None, error)
+
+_log = logging.getLogger(__name__)
 
 
 class PVError(ProtocolError):
@@ -107,7 +114,13 @@ class Subscription(Protocol):
 
 
 class Provider(Protocol):
-    """One per protocol; thread-safe; methods block up to ``timeout``."""
+    """One per protocol; thread-safe; methods block up to ``timeout``.
+
+    A provider whose library calls back when a get completes (PVA) also offers
+    ``get_async(name, timeout, done: GetDone)``: ``done`` is called once, from a
+    library or deadline thread, and must not block. The gateway then needs no
+    waiting thread per get.
+    """
 
     protocol: str  # "pva" or "ca"
 
@@ -120,3 +133,74 @@ class Provider(Protocol):
     def monitor(self, name: str, on_event: EventCallback) -> Subscription: ...
 
     def close(self) -> None: ...
+
+
+# -- timeouts of operations nobody waits for --------------------------------------
+class Deadlines:
+    """Calls ``expire()`` of every registration not cancelled within its timeout, from one thread.
+
+    A provider uses one timeout (the gateway's connection timeout), so registrations
+    expire in the order they came: one FIFO per distinct timeout, and cancelling
+    (the usual end) is a dict removal, not a heap search.
+    """
+
+    def __init__(self, name: str):
+        self._cond = threading.Condition(threading.Lock())
+        self._fifos: dict[float, OrderedDict[int, tuple[float, Callable[[], None]]]] = {}
+        self._tickets = itertools.count()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def add(self, timeout: float, expire: Callable[[], None]) -> tuple[float, int]:
+        """A ticket for ``cancel``; ``expire`` must not raise and must not block."""
+        ticket = (timeout, next(self._tickets))
+        with self._cond:
+            fifo = self._fifos.get(timeout)
+            if fifo is None:
+                fifo = self._fifos[timeout] = OrderedDict()
+            fifo[ticket[1]] = (time.monotonic() + timeout, expire)
+            if len(fifo) == 1:  # the only case where the thread may sleep past this deadline
+                self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: tuple[float, int]) -> None:
+        with self._cond:
+            fifo = self._fifos.get(ticket[0])
+            if fifo is not None:
+                fifo.pop(ticket[1], None)
+
+    def close(self) -> None:
+        """Pending registrations never expire."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(5.0)
+
+    def _due(self) -> tuple[list[Callable[[], None]], float | None]:
+        """Under the lock: what expired, taken out, and how long until the next deadline."""
+        now, due, wait = time.monotonic(), [], None
+        for fifo in self._fifos.values():
+            while fifo:
+                at, expire = next(iter(fifo.values()))
+                if at > now:
+                    wait = at - now if wait is None else min(wait, at - now)
+                    break
+                fifo.popitem(last=False)
+                due.append(expire)
+        return due, wait
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                due, wait = self._due()
+                while not due and not self._closed:
+                    self._cond.wait(wait)
+                    due, wait = self._due()
+                if self._closed:
+                    return
+            for expire in due:
+                try:
+                    expire()
+                except Exception:
+                    _log.exception("expiry of a timed operation failed")
