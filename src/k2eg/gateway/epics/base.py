@@ -149,18 +149,22 @@ class Deadlines:
         self._fifos: dict[float, OrderedDict[int, tuple[float, Callable[[], None]]]] = {}
         self._tickets = itertools.count()
         self._closed = False
+        self._wake_at: float | None = None  # when the thread wakes next by itself; None: only when told
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def add(self, timeout: float, expire: Callable[[], None]) -> tuple[float, int]:
         """A ticket for ``cancel``; ``expire`` must not raise and must not block."""
-        ticket = (timeout, next(self._tickets))
+        ticket, at = (timeout, next(self._tickets)), time.monotonic() + timeout
         with self._cond:
             fifo = self._fifos.get(timeout)
             if fifo is None:
                 fifo = self._fifos[timeout] = OrderedDict()
-            fifo[ticket[1]] = (time.monotonic() + timeout, expire)
-            if len(fifo) == 1:  # the only case where the thread may sleep past this deadline
+            fifo[ticket[1]] = (at, expire)
+            # Waking the thread costs a context switch; under a steady flow of gets it
+            # already wakes for an earlier deadline, and sees this one then.
+            if self._wake_at is None or at < self._wake_at:
+                self._wake_at = at
                 self._cond.notify()
         return ticket
 
@@ -195,6 +199,7 @@ class Deadlines:
             with self._cond:
                 due, wait = self._due()
                 while not due and not self._closed:
+                    self._wake_at = None if wait is None else time.monotonic() + wait
                     self._cond.wait(wait)
                     due, wait = self._due()
                 if self._closed:

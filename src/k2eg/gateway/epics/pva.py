@@ -465,6 +465,7 @@ class _AsyncGet:
 
     The operation's callback holds this object and this object the operation,
     so both ends drop ``op`` (the cycle would keep every finished operation).
+    A finished operation is closed by the next ``get_async`` (``_close_spent``).
     """
 
     __slots__ = ("provider", "name", "timeout", "done", "op", "ticket", "settled", "_claims")
@@ -491,7 +492,9 @@ class _AsyncGet:
     def completed(self, v: Value | Exception) -> None:
         """pvxs thread."""
         pin_thread_state()
-        self.op = None
+        op, self.op = self.op, None
+        if op is not None:  # freed here, it would be cancelled on pvxs' own thread, which pvxs logs as an error
+            self.provider._spent.append(op)
         if not self._claim():
             return
         self.provider._deadlines.cancel(self.ticket)
@@ -538,6 +541,7 @@ class PVAProvider:
         self._subs: set[PVASubscription] = set()
         self._plans: dict[str, tuple[str, _Plan]] = {}
         self._deadlines = Deadlines("pva-get-deadlines")
+        self._spent: list = []  # finished get operations, closed by the next get_async
         self._lock = threading.Lock()
         self._closed = False
         # pvxs coalesces a monitor's updates beyond its queue; a longer queue
@@ -575,7 +579,15 @@ class PVAProvider:
         deadline thread. A thread waiting per get, and waking it, cost the gateway a fifth of its
         CPU per get at 7k gets/s (bench/EXPERIMENTS.md row 37)."""
         self._check_open()
+        self._close_spent()
         _AsyncGet(self, name, timeout, done)
+
+    def _close_spent(self) -> None:
+        """Close finished get operations, off the pvxs thread (each close waits for that thread)."""
+        if self._spent:
+            spent, self._spent = self._spent, []
+            for op in spent:
+                op.close()
 
     def _tree(self, name: str, v: Value) -> ValueTree:
         try:
@@ -715,6 +727,7 @@ class PVAProvider:
         self._reconnect.join(5.0)
         self._dispatcher.stop()
         self._deadlines.close()
+        self._close_spent()
         if self._probe_ctx is not None:
             self._probe_ctx.close()
         self._ctx.close()
