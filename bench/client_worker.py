@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 from k2eg.dml import dml
 
@@ -109,7 +110,7 @@ def snapshot(k, uris, window_ms, runs):
 if __name__ == "__main__":
     mode, env, app, uri = sys.argv[1:5]
     k = dml(env, app)
-    out = {}
+    out, status = {}, 0
     try:
         if mode == "get":
             out = get(k, uri, int(sys.argv[5]), float(sys.argv[6]))
@@ -117,6 +118,9 @@ if __name__ == "__main__":
             out = monitor(k, uri, float(sys.argv[5]))
         else:
             out = snapshot(k, open(uri).read().split(), int(sys.argv[5]), int(sys.argv[6]))
+    except BaseException:  # the runner shows stderr when the exit status is not 0
+        traceback.print_exc()
+        status = 1
     finally:
         print(json.dumps(out), flush=True)
-        os._exit(0)  # 0.3.0's consumer thread is not a daemon and close() can hang
+        os._exit(status)  # 0.3.0's consumer thread is not a daemon and close() can hang
