@@ -142,7 +142,7 @@ def test_operator_options_apply_to_every_producer(io):
     k = io("queue.buffering.max.messages:1", topics_per_producer=1)
     k._shard("t0"), k._shard("t1")
     for p in k.producers:                       # each one refuses a second record
-        topic = next(t for t in (f"t{i}" for i in range(100)) if p is k.replies or k._shard(t) is p)
+        topic = next(t for t in (f"t{i}" for i in range(100)) if p in (k.replies, k.reported) or k._shard(t) is p)
         p.produce(topic, b"x")
         with pytest.raises(BufferError):
             p.produce(topic, b"y")
@@ -151,3 +151,14 @@ def test_operator_options_apply_to_every_producer(io):
 def test_header_lists_are_shared_per_serialisation():
     assert header_value(MSGPACK) is header_value(MSGPACK)
     assert header_value(Serialization.JSON) == [("k2eg-ser-type", b"Json")]
+
+
+def test_only_records_whose_verdict_is_awaited_are_reported_one_by_one(io):
+    """Replies report failures only; a snapshot record (on_settled) or the latency metric needs every report."""
+    k = io()
+    k.publish("t", "k", {"error": 0})
+    k.publish("t", "k", {"error": 0}, on_settled=lambda: None)
+    assert (len(k.replies), len(k.reported)) == (1, 1)
+    k.latency = object()  # the metric is on
+    k.publish("t", "k", {"error": 0})
+    assert (len(k.replies), len(k.reported)) == (1, 2)

@@ -126,7 +126,12 @@ class KafkaIO:
         common = {"bootstrap.servers": opts.pub_server_address, **_COMMON, "error_cb": self._on_kafka_error,
                   "logger": _rdkafka_log}
         operator = opts.kv("pub")   # operators' --pub-impl-kv apply to every producer
-        self.replies = Producer({**common, **_REPLY, **operator})
+        # Replies report failures only (a refusal for size, a loss): a report per reply cost a Python
+        # call and a wake-up of the poll thread per get (bench/EXPERIMENTS.md row 38). Records whose
+        # sender waits for the verdict (one-shot snapshots), and every record while the latency
+        # metric is on, go through ``reported``, which reports each one.
+        self.replies = Producer({**common, **_REPLY, "delivery.report.only.error": True, **operator})
+        self.reported = Producer({**common, **_REPLY, **operator})
         self._event_conf = {**common, **_EVENT, "on_delivery": self._event_failed, **operator}
         self._more_conf = {**self._event_conf, **_EVENT_MORE, **operator}
         self.events = [Producer(self._event_conf)]   # more as topics come (_shard)
@@ -170,14 +175,15 @@ class KafkaIO:
 
     @property
     def producers(self) -> list[Producer]:
-        return [self.replies, *self.events]
+        return [self.replies, self.reported, *self.events]
 
     def publishes_at_once(self, topics: Iterable[str]) -> bool:
         """A reply to ``topics`` would neither create a topic nor wait for queue space.
 
         Only then may a library callback thread (pvxs) publish it: that thread must not block.
         """
-        return len(self.replies) < _REPLY["queue.buffering.max.messages"] // 2 and not self.admin.missing(topics)
+        queued = max(len(self.replies), len(self.reported))
+        return queued < _REPLY["queue.buffering.max.messages"] // 2 and not self.admin.missing(topics)
 
     def queue_depth(self) -> int:
         """Records not yet acknowledged by the broker, including those waiting in the side table."""
@@ -256,7 +262,7 @@ class KafkaIO:
             self._delivered(err, msg, on_too_large, on_settled, alone=True)
 
         try:
-            self.replies.produce(topic, value, key, headers=headers, on_delivery=done)
+            self.reported.produce(topic, value, key, headers=headers, on_delivery=done)
         except (BufferError, KafkaException) as e:
             self._resending = False
             self._failed(topic, len(value or b""), e)
@@ -276,7 +282,8 @@ class KafkaIO:
         while self._running:
             for p in self.events:
                 p.poll(0)
-            self.replies.poll(POLL_S)
+            self.replies.poll(0)           # failures only
+            self.reported.poll(POLL_S)
             if self._resend and not self._resending:
                 self._resend_next()
             if self._pending:
@@ -312,7 +319,8 @@ class KafkaIO:
                       on_too_large: TooLarge | None = None, on_settled: Settled | None = None) -> None:
         """A record that must not be lost nor replaced (reply, snapshot): waits, bounded, for queue space.
 
-        Runs on a worker thread; the poll thread frees the space. A record the broker refuses
+        Runs on a worker thread, or on a library's callback thread once ``publishes_at_once``
+        said it will not wait; the poll thread frees the space. A record the broker refuses
         for its size is reported to ``on_too_large(size, why)``, and every record's report
         ends with ``on_settled()`` (both on the poll thread: they must not wait for the
         caller). A record librdkafka refuses at once raises ProtocolError, and one dropped
@@ -321,9 +329,10 @@ class KafkaIO:
         deadline = time.monotonic() + REPLY_BLOCK_S
         report = (self._delivered if on_too_large is None and on_settled is None
                   else partial(self._delivered, on_too_large=on_too_large, on_settled=on_settled))
+        producer = self.replies if on_settled is None and self.latency is None else self.reported
         while True:
             try:
-                self.replies.produce(topic, payload, key, headers=header_value(ser), on_delivery=report)
+                producer.produce(topic, payload, key, headers=header_value(ser), on_delivery=report)
             except KafkaException as e:
                 if e.args[0].code() not in _TOO_LARGE:
                     raise
