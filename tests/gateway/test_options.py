@@ -278,3 +278,10 @@ def test_version_needs_no_other_option(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("k2eg-gateway ")
+
+
+def test_a_kafka_setting_the_python_client_reads_itself_becomes_a_bool_or_a_clear_error():
+    assert parse(*REQUIRED, "--pub-impl-kv", "delivery.report.only.error:true").kv("pub") == {
+        "delivery.report.only.error": True}
+    with pytest.raises(O.OptionError, match="--pub-impl-kv delivery.report.only.error: expected true or false"):
+        parse(*REQUIRED, "--pub-impl-kv", "delivery.report.only.error:maybe")

@@ -148,13 +148,24 @@ class Options:
         except KeyError:
             raise AttributeError(item) from None
 
-    def kv(self, which: str) -> dict[str, str]:
+    def kv(self, which: str) -> dict[str, str | bool]:
         """``--sub-impl-kv``/``--pub-impl-kv`` entries as a librdkafka config dict (later entries win)."""
-        out = {}
+        out: dict[str, str | bool] = {}
         for item in self.values[f"{which}_impl_kv"]:
             k, _, v = _kv(item).partition(":")
-            out[k.strip()] = v.strip()
+            k, v = k.strip(), v.strip()
+            if k in _PYTHON_BOOLS:
+                try:
+                    out[k] = _bool(v)
+                except ValueError as e:
+                    raise OptionError(f"--{which}-impl-kv {k}: {e}") from None
+            else:
+                out[k] = v
         return out
+
+
+# Settings confluent-kafka reads itself and wants as a bool (a string stops the gateway with a TypeError).
+_PYTHON_BOOLS = frozenset({"delivery.report.only.error"})
 
 
 class OptionError(ValueError):
@@ -284,4 +295,5 @@ def parse(argv: Sequence[str] | None = None, environ: dict[str, str] | None = No
         raise OptionError(f"--node-type '{opts.node_type}' is not supported: this gateway runs as 'gateway'")
     if not opts.state_topic:
         opts.values["state_topic"] = f"{opts.cmd_input_topic}-gateway-state"
+    opts.kv("pub"), opts.kv("sub")  # a setting the Kafka client would refuse fails here, with its name
     return opts
