@@ -136,9 +136,12 @@ class TopicAdmin:
         self._lock = threading.Lock()
 
     def missing(self, topics: Iterable[str]) -> list[str]:
-        """Those of ``topics`` not known to exist: ``ensure`` would ask the broker about them."""
-        with self._lock:
-            return [t for t in dict.fromkeys(topics) if t not in self._known]
+        """Those of ``topics`` not known to exist: ``ensure`` would ask the broker about them.
+
+        No lock: a set's membership test is atomic, and this runs for every reply.
+        """
+        known = self._known
+        return [t for t in dict.fromkeys(topics) if t not in known]
 
     def ensure(self, topics: Iterable[str], timeout: float = 10.0, config: dict[str, str] | None = None) -> list[str]:
         """Make sure ``topics`` exist (new ones with topic ``config``); return those this call created.
