@@ -10,6 +10,7 @@ after the other, prints each result as it comes and writes RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -286,7 +287,7 @@ def legacy_python() -> str:
 def get_throughput(ctx: Ctx) -> None:
     bench, T, threads = "get_throughput", ctx.args.seconds, 32
     uri = "pva://variable:a"
-    legacy_runs = iter(range(1, 100))
+    legacy_apps = (f"bench-tput-legacy-{n}" for n in itertools.count(1))
 
     def run(who: str, seconds: float = T) -> dict:
         if who == "ours":
@@ -296,17 +297,16 @@ def get_throughput(ctx: Ctx) -> None:
         # left in its topic can kill that thread at once, and every get then times out. Each run gets
         # a fresh reply topic (0.3.0 waits for it but never creates it), and one that fails like
         # that, without a figure, is run again.
-        for attempt in range(3):
-            app = f"bench-tput-legacy-{next(legacy_runs)}"
+        for attempt in itertools.count(1):
+            app = next(legacy_apps)
             ctx.stack.create_topic(f"{app}-reply")
             try:
                 return run_json([CLIENT, "get", "local", app, uri, str(threads), str(seconds)],
                                 python=legacy_python(), env=ctx.client_env(legacy=True))
             except RuntimeError as e:
-                if attempt == 2 or "reply_wait_condition" not in str(e):
+                if attempt == 3 or "reply_wait_condition" not in str(e):
                     raise
                 ctx.note(bench, "legacy_restarted", "0.3.0's reply thread died at start; run again")
-        raise AssertionError("unreachable")
 
     # Ours and 0.3.0 take turns, three times; each figure is the mean of its runs. On this shared
     # machine one pair of runs moved the ratio by +-20 % (bench/EXPERIMENTS.md), and taking turns

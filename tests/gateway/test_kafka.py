@@ -153,12 +153,43 @@ def test_header_lists_are_shared_per_serialisation():
     assert header_value(Serialization.JSON) == [("k2eg-ser-type", b"Json")]
 
 
+class _Queue:
+    """A producer's queue as publish() sees it (a real one counts librdkafka's error events too)."""
+
+    def __init__(self):
+        self.records: list[str] = []
+
+    def produce(self, topic, value, key=None, headers=None, on_delivery=None):
+        self.records.append(topic)
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=0):
+        return 0
+
+    def __len__(self):
+        return len(self.records)
+
+
 def test_only_records_whose_verdict_is_awaited_are_reported_one_by_one(io):
     """Replies report failures only; a snapshot record (on_settled) or the latency metric needs every report."""
     k = io()
-    k.publish("t", "k", {"error": 0})
-    k.publish("t", "k", {"error": 0}, on_settled=lambda: None)
-    assert (len(k.replies), len(k.reported)) == (1, 1)
+    k.replies, k.reported = _Queue(), _Queue()
+    k.publish("reply", "k", {"error": 0})
+    k.publish("snapshot", "k", {"error": 0}, on_settled=lambda: None)
     k.latency = object()  # the metric is on
+    k.publish("measured", "k", {"error": 0})
+    assert (k.replies.records, k.reported.records) == (["reply"], ["snapshot", "measured"])
+
+
+def test_a_reply_is_sent_at_once_only_to_a_known_topic_with_room_in_the_configured_queue(io):
+    """A library callback thread may publish only what cannot wait: an operator's lower bound counts."""
+    k = io("queue.buffering.max.messages:4")
+    k.replies, k.reported = _Queue(), _Queue()
+    assert not k.publishes_at_once(["t"])  # not created yet: the reply would create it
+    k.admin._known.add("t")
+    assert k.publishes_at_once(["t"])
     k.publish("t", "k", {"error": 0})
-    assert (len(k.replies), len(k.reported)) == (1, 2)
+    k.publish("t", "k", {"error": 0})
+    assert not k.publishes_at_once(["t"])  # half of 4 queued

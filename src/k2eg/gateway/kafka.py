@@ -132,6 +132,9 @@ class KafkaIO:
         # metric is on, go through ``reported``, which reports each one.
         self.replies = Producer({**common, **_REPLY, "delivery.report.only.error": True, **operator})
         self.reported = Producer({**common, **_REPLY, **operator})
+        # Half the reply queue's bound, as configured (an operator may lower it): below it a reply
+        # cannot wait for queue space (``publishes_at_once``).
+        self._reply_room = int({**_REPLY, **operator}["queue.buffering.max.messages"]) // 2
         self._event_conf = {**common, **_EVENT, "on_delivery": self._event_failed, **operator}
         self._more_conf = {**self._event_conf, **_EVENT_MORE, **operator}
         self.events = [Producer(self._event_conf)]   # more as topics come (_shard)
@@ -183,7 +186,7 @@ class KafkaIO:
         Only then may a library callback thread (pvxs) publish it: that thread must not block.
         """
         queued = max(len(self.replies), len(self.reported))
-        return queued < _REPLY["queue.buffering.max.messages"] // 2 and not self.admin.missing(topics)
+        return queued < self._reply_room and not self.admin.missing(topics)
 
     def queue_depth(self) -> int:
         """Records not yet acknowledged by the broker, including those waiting in the side table."""

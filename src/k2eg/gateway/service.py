@@ -263,12 +263,13 @@ class Gateway:
                 raise error
             return tree
 
-        for cmd in gets:
-            self._run(self.on_get, cmd, read)
+        self._answer_each(gets, read)
 
     def _get_together(self, gets: list[C.Get]) -> None:
         """``_read_for`` on a worker: one blocking read for all."""
-        read = _once(self.read)
+        self._answer_each(gets, _once(self.read))
+
+    def _answer_each(self, gets: list[C.Get], read: Callable[[PVUri], dict]) -> None:
         for cmd in gets:
             self._run(self.on_get, cmd, read)
 
