@@ -1,6 +1,7 @@
 """TopicAdmin against the session's real broker."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -36,3 +37,17 @@ def test_asking_after_a_topic_does_not_create_it(stack):
     asked = admin.client.list_topics(name, timeout=10).topics
     assert name not in asked or asked[name].error is not None
     assert name not in admin.client.list_topics(timeout=10).topics
+
+
+def test_exists_and_delete_including_a_topic_already_gone(stack):
+    admin = TopicAdmin({"bootstrap.servers": stack.bootstrap})
+    name = f"purged-{uuid.uuid4().hex[:8]}"
+    assert not admin.exists(name)          # and asking did not create it
+    assert admin.ensure([name]) == [name] and admin.exists(name)
+    admin.delete(name)
+    deadline = time.monotonic() + 30        # the broker serves the deletion a moment later
+    while admin.exists(name):
+        assert time.monotonic() < deadline, f"{name} still listed 30 s after its deletion"
+        time.sleep(0.1)
+    admin.delete(name)                     # gone already: counts as deleted, no error
+    assert admin.missing([name]) == [name]  # forgotten: a new monitor creates it again

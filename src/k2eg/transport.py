@@ -196,9 +196,20 @@ class TopicAdmin:
             time.sleep(pause)
             pause = min(0.5, pause * 2)
 
+    def exists(self, topic: str, timeout: float = 10.0) -> bool:
+        """Whether the broker knows ``topic`` now (asking does not create it)."""
+        md = self._admin.list_topics(topic, timeout=timeout)
+        t = md.topics.get(topic)
+        return t is not None and t.error is None
+
     def delete(self, topic: str, timeout: float = 10.0) -> None:
+        """Delete ``topic``; one already gone counts as deleted."""
         fut = self._admin.delete_topics([topic], operation_timeout=timeout)[topic]
-        fut.result(timeout)
+        try:
+            fut.result(timeout)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
         with self._lock:
             self._known.discard(topic)
             self.created.discard(topic)

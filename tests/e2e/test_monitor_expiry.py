@@ -63,6 +63,16 @@ def topic_deleted(stack, topic: str, timeout: float = T) -> bool:
     return True
 
 
+def purge_done(wire, topic: str, timeout: float = T) -> bool:
+    """The gateway no longer looks at ``topic``: gone after its last deletion, or left in place (logged)."""
+    deadline = time.monotonic() + timeout
+    while topic in wire.status()["topics_purging"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def state_keys(stack) -> set[bytes]:
     """Keys the state topic holds once compaction is applied."""
     topic = f"{stack.cmd_topic}-gateway-state"
@@ -102,6 +112,7 @@ def test_a_closed_client_s_monitor_expires_a_consuming_one_survives(stack, wire)
         print(f"\nmonitor expired within {took:.1f} s of its client closing (timeout {TIMEOUT} s)")
         assert took >= TIMEOUT, "expired before the timeout had passed without a consumer"
         assert topic_deleted(stack, gone_topic), "the gateway created this topic for the monitor: purged"
+        assert purge_done(wire, gone_topic) and not topic_exists(stack, gone_topic)
         assert topic_exists(stack, reply_topic), "a reply topic is never deleted"
         assert monitor_key(parse_pv_uri(gone_uri), gone_topic).encode() not in state_keys(stack)
 
@@ -144,3 +155,5 @@ def test_a_filtered_out_consumer_group_does_not_keep_a_monitor_alive(stack, wire
     finally:
         archiver.close()
     assert topic_deleted(stack, topic)
+    assert purge_done(wire, topic)
+    assert not topic_exists(stack, topic), "deleted, the topic came back and the gateway stopped purging it"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import Future
+from typing import Callable
 
 import pytest
 from confluent_kafka import ConsumerGroupState, TopicPartition
@@ -94,6 +95,35 @@ def test_created_sticks_per_topic_and_discard_of_the_last_pv_forgets_it():
     assert d.get("t") is None
 
 
+def test_a_purge_waits_for_in_flight_records_to_settle_and_a_new_monitor_cancels_it():
+    clock = Clock()
+    d = E.Destinations(clock)
+    d.purge_later("t")
+    d.purge_later("u")
+    assert d.purging() == ["t", "u"] and d.purges_due() == []
+    clock.t += E.PURGE_SETTLE_S
+    assert d.purges_due() == ["t", "u"]
+    d.add("u", A)   # a monitor command takes the topic back before it is deleted
+    assert d.purges_due() == ["t"] and d.purging() == ["t"]
+    assert d.purge_step("u", exists=True) is E.PurgeStep.DONE   # no longer to be purged: never deleted
+
+
+def test_a_purged_topic_that_comes_back_is_deleted_again_a_few_times_then_left():
+    clock = Clock()
+    d = E.Destinations(clock)
+    d.purge_later("t")
+    clock.t += E.PURGE_SETTLE_S
+    for _ in range(E.PURGE_DELETES):
+        assert d.purge_step("t", exists=True) is E.PurgeStep.DELETE
+        assert d.purges_due() == []          # looked at again only once records in flight settled
+        clock.t += E.PURGE_SETTLE_S
+        assert d.purges_due() == ["t"]
+    assert d.purge_step("t", exists=True) is E.PurgeStep.LEAVE
+    assert d.purging() == []
+    d.purge_later("gone")
+    assert d.purge_step("gone", exists=False) is E.PurgeStep.DONE and d.purging() == []
+
+
 def test_consumed_topics_are_those_assigned_to_members_of_groups_not_filtered_out():
     groups = [group("app-1", ["mon-a", "mon-b"], ["mon-c"]), group("archiver-7", ["mon-d"]),
               group("empty", state=ConsumerGroupState.EMPTY)]
@@ -173,14 +203,29 @@ def test_checker_survives_a_failing_expiry_and_goes_on_with_the_others():
     dests.observe([])
     clock.t += 100
     seen = []
-
-    def expire(topic):
-        seen.append(topic)
-        if topic == "bad":
-            raise RuntimeError("boom")
-
-    c = E.ExpiryChecker(FakeAdmin([]), dests, 10, expire)
+    c = E.ExpiryChecker(FakeAdmin([]), dests, 10, failing_on("bad", seen))
     assert c.check() == ["good"] and seen == ["bad", "good"]
+
+
+def failing_on(bad: str, seen: list) -> Callable[[str], None]:
+    """An expire or purge callback that records its topics and raises for ``bad``."""
+    def call(topic):
+        seen.append(topic)
+        if topic == bad:
+            raise RuntimeError("boom")
+    return call
+
+
+def test_checker_purges_what_is_due_without_monitors_and_survives_a_failing_purge():
+    clock = Clock()
+    dests = E.Destinations(clock)
+    for t in ("bad", "good", "later"):
+        dests.purge_later(t, settle=1 if t != "later" else 100)
+    clock.t += 1
+    seen = []
+    admin = FakeAdmin([], fail=True)   # no consumer groups are asked for: there are no monitors
+    E.ExpiryChecker(admin, dests, 10, [].append, purge=failing_on("bad", seen)).check()
+    assert seen == ["bad", "good"]
 
 
 # ----------------------------------------------------------------------------- the gateway's side, with fakes
@@ -202,8 +247,6 @@ def gw():
     from .test_service import OPTS, FakeIO, FakeProvider
 
     io, provider = FakeIO(), FakeProvider()
-    io.admin.deleted = []
-    io.admin.delete = io.admin.deleted.append
     g = Gateway(O.parse([*OPTS, "--nc-monitor-expiration-timeout", "10"], environ={}), io,
                 {"pva": provider, "ca": provider}, FakeState())
     clock = Clock()
@@ -227,6 +270,13 @@ def expire_all(g) -> None:
         g.expire(topic)
 
 
+def purge_due(g) -> None:
+    """The next expiry round that finds purges due (records in flight have settled)."""
+    g.clock.t += E.PURGE_SETTLE_S
+    for topic in g.destinations.purges_due():
+        g.purge(topic)
+
+
 def test_only_a_topic_created_for_the_monitor_is_deleted_never_a_reply_topic(gw):
     run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"},
         {"command": "monitor", "pv_name": "pva://good:b", "reply_topic": "r2"})
@@ -235,6 +285,8 @@ def test_only_a_topic_created_for_the_monitor_is_deleted_never_a_reply_topic(gw)
     assert [(s.command.destination, s.created_topic, s.command.reply_id) for s in gw.state.items] == [
         ("mine", True, None), ("r2", False, None)]
     expire_all(gw)
+    assert gw.io.admin.deleted == [] and gw.status()["topics_purging"] == ["mine"]   # records may be in flight
+    purge_due(gw)
     assert gw.io.admin.deleted == ["mine"]
     assert gw.hub.channels() == [] and gw.destinations.topics() == []
     assert sorted(gw.state.removed) == sorted([S.monitor_key(parse_pv_uri("pva://good:a"), "mine"),
@@ -245,7 +297,8 @@ def test_no_purge_option_keeps_even_a_created_topic(gw):
     gw.opts.values["nc_purge_queue_on_exp_timeout"] = False
     run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"})
     expire_all(gw)
-    assert gw.io.admin.deleted == [] and gw.hub.channels() == []
+    purge_due(gw)
+    assert gw.io.admin.deleted == [] and gw.hub.channels() == [] and gw.status()["topics_purging"] == []
 
 
 def test_a_pv_that_never_connects_is_neither_tracked_nor_kept(gw):
@@ -263,3 +316,49 @@ def test_resume_subscribes_once_per_pv_answers_nobody_and_keeps_the_created_flag
     assert not [e for e in gw.io.log if e[0] == "publish" and e[1] not in ("t1", "t2")]   # no replies
     run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "t1", "reply_topic": "r"})
     assert gw.hub.opened[parse_pv_uri("pva://good:a")] == 1
+
+
+def test_an_expired_topic_re_created_by_a_producer_is_deleted_again_until_it_stays_gone(gw):
+    run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"})
+    expire_all(gw)
+    purge_due(gw)
+    gw.io.admin.created.add("mine")   # a record in flight failed; librdkafka's metadata request re-created it
+    purge_due(gw)
+    assert gw.io.admin.deleted == ["mine", "mine"] and gw.status()["topics_purging"] == ["mine"]
+    purge_due(gw)                     # gone this time: done with
+    assert gw.io.admin.deleted == ["mine", "mine"] and gw.status()["topics_purging"] == []
+
+
+def test_a_topic_that_keeps_coming_back_is_left_in_place_with_a_warning(gw, caplog):
+    run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"})
+    expire_all(gw)
+    for _ in range(E.PURGE_DELETES + 1):
+        purge_due(gw)
+        gw.io.admin.created.add("mine")
+    assert gw.io.admin.deleted == ["mine"] * E.PURGE_DELETES and gw.status()["topics_purging"] == []
+    assert "came back after 3 deletions" in caplog.text
+
+
+def test_a_monitor_command_between_expiry_and_purge_keeps_the_topic(gw):
+    monitor = {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"}
+    run(gw, monitor)
+    expire_all(gw)
+    gw.workers = type(gw.workers)(2, "k2eg-cmd")   # run() shut the first ones down
+    run(gw, monitor)
+    purge_due(gw)
+    assert gw.io.admin.deleted == [] and "mine" in gw.destinations.topics()
+
+
+def test_a_purge_that_cannot_ask_kafka_waits_for_the_next_round(gw):
+    run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"})
+    expire_all(gw)
+
+    def unreachable(topic, timeout=10.0):
+        raise RuntimeError("Kafka unreachable")
+
+    gw.io.admin.exists = unreachable
+    purge_due(gw)
+    assert gw.io.admin.deleted == [] and gw.status()["topics_purging"] == ["mine"]
+    del gw.io.admin.exists
+    purge_due(gw)
+    assert gw.io.admin.deleted == ["mine"]

@@ -86,13 +86,21 @@ class FakeCallingBackProvider(FakeProvider):
 class FakeAdmin:
     def __init__(self, log):
         self.log = log
-        self.created: set[str] = set()
+        self.created: set[str] = set()   # the topics that exist, in this fake
+        self.deleted: list[str] = []
 
     def ensure(self, topics, timeout=10.0):
         self.log.append(("ensure", tuple(topics)))
         made = [t for t in topics if t not in self.created]
         self.created.update(made)
         return made
+
+    def exists(self, topic, timeout=10.0):
+        return topic in self.created
+
+    def delete(self, topic, timeout=10.0):
+        self.deleted.append(topic)
+        self.created.discard(topic)
 
 
 class FakeIO:

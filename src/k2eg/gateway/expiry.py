@@ -15,6 +15,12 @@ passed since the first check that found it unconsumed (and still finds it so),
 so it has had no consumer for at least the timeout and at most one check
 period more. A monitor command renews it; a resumed monitor starts unobserved
 like a new one. A check that cannot ask Kafka changes nothing.
+
+An expired topic the gateway created is deleted a check later, not at once: a
+record still in flight for it would fail with "unknown topic", and the
+producer's metadata request that follows re-creates the topic on a broker with
+``auto.create.topics.enable`` (the default). A later check looks again and
+deletes it again if it came back, a few times at most.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable, Iterable, Sequence
 
 from confluent_kafka import ConsumerGroupState, KafkaException
@@ -36,6 +43,8 @@ MAX_PERIOD_S = 30.0     # checks happen at least this often...
 MIN_PERIOD_S = 0.5      # ...and at most this often, whatever the timeout
 DESCRIBE_CHUNK = 100    # groups per describe request
 NO_MEMBERS = (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD)
+PURGE_SETTLE_S = 2.0    # an expired topic is deleted, and looked at again after a delete, no sooner than this
+PURGE_DELETES = 3       # deletions of a topic that keeps coming back before it is left in place (logged)
 
 
 def check_period(timeout: float) -> float:
@@ -52,17 +61,33 @@ class Destination:
     idle_since: float | None = None   # first check that found no consumer; None while consumed or not yet checked
 
 
+class PurgeStep(Enum):
+    DONE = "done"      # gone, or no longer to be purged
+    DELETE = "delete"  # delete it (again) now
+    LEAVE = "leave"    # it came back after every deletion: leave it
+
+
+@dataclass
+class Purge:
+    """An expired topic to delete: when to look at it next, and how often it was deleted already."""
+
+    due: float
+    deletes: int = 0
+
+
 class Destinations:
     """Every monitor destination topic and since when it has no consumer (pure bookkeeping, thread safe)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._topics: dict[str, Destination] = {}
+        self._purges: dict[str, Purge] = {}
         self.lock = threading.RLock()
 
     def add(self, topic: str, pv: PVUri, created: bool = False) -> None:
-        """A (re)started monitor counts as consumed: its client is about to read it."""
+        """A (re)started monitor counts as consumed: its client is about to read it; its topic stays."""
         with self.lock:
+            self._purges.pop(topic, None)
             d = self._topics.setdefault(topic, Destination())
             d.pvs.add(pv)
             d.created = d.created or created
@@ -111,6 +136,38 @@ class Destinations:
                 return None
             return self._topics.pop(topic)
 
+    def purge_later(self, topic: str, settle: float = PURGE_SETTLE_S) -> None:
+        """Delete ``topic`` once ``settle`` seconds have passed (unless a monitor takes it again first)."""
+        with self.lock:
+            self._purges[topic] = Purge(self._clock() + settle)
+
+    def purging(self) -> list[str]:
+        with self.lock:
+            return list(self._purges)
+
+    def purges_due(self) -> list[str]:
+        with self.lock:
+            now = self._clock()
+            return [t for t, p in self._purges.items() if p.due <= now]
+
+    def purge_step(self, topic: str, exists: bool, settle: float = PURGE_SETTLE_S) -> PurgeStep:
+        """One look at a topic being purged: what to do with it now.
+
+        A topic found gone is done with; one still there is deleted and looked at again
+        ``settle`` seconds later, until it was deleted PURGE_DELETES times: then it is left.
+        """
+        with self.lock:
+            p = self._purges.get(topic)
+            if p is None or not exists:
+                self._purges.pop(topic, None)
+                return PurgeStep.DONE
+            if p.deletes >= PURGE_DELETES:
+                del self._purges[topic]
+                return PurgeStep.LEAVE
+            p.deletes += 1
+            p.due = self._clock() + settle
+            return PurgeStep.DELETE
+
 
 def consumed_topics(groups: Iterable, ignore: Sequence[re.Pattern]) -> set[str]:
     """Topics in the assignment of an active member of a group not ignored (``ConsumerGroupDescription``s)."""
@@ -129,12 +186,13 @@ class ExpiryChecker:
     """The thread that asks Kafka who consumes what and expires the rest."""
 
     def __init__(self, admin: AdminClient, destinations: Destinations, timeout: float,
-                 expire: Callable[[str], None], ignore: Sequence[str] = (), request_timeout: float = 10.0):
+                 expire: Callable[[str], None], ignore: Sequence[str] = (), request_timeout: float = 10.0,
+                 purge: Callable[[str], None] | None = None):
         self.admin = admin
         self.destinations = destinations
         self.timeout = float(timeout)
         self.period = check_period(self.timeout)
-        self.expire = expire
+        self.expire, self.purge = expire, purge
         self.ignore = [re.compile(r) for r in ignore]
         self.request_timeout = request_timeout
         self.expired = 0
@@ -167,9 +225,16 @@ class ExpiryChecker:
         return out
 
     def check(self) -> list[str]:
-        """One round: refresh what is consumed, expire what has not been for the timeout; returns those."""
-        if not self.destinations.topics():
-            return []
+        """One round: expire what nobody consumed for the timeout (returns those), then purge what is due."""
+        done = self._expire_unconsumed() if self.destinations.topics() else []
+        for topic in self.destinations.purges_due() if self.purge else ():
+            try:
+                self.purge(topic)
+            except Exception:
+                log.exception("purging topic %s failed", topic)
+        return done
+
+    def _expire_unconsumed(self) -> list[str]:
         try:
             groups = self._groups()
         except Exception as e:  # Kafka unreachable: nothing is known, so nothing expires this round

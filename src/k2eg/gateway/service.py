@@ -21,7 +21,7 @@ from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .epics.base import Provider, connect_timeout
-from .expiry import Destinations, ExpiryChecker
+from .expiry import PURGE_DELETES, Destinations, ExpiryChecker, PurgeStep
 from .kafka import KafkaIO, too_large
 from .memory import Trimmer
 from .monitors import MonitorHub
@@ -407,7 +407,7 @@ class Gateway:
     def start_expiry(self) -> ExpiryChecker:
         """The thread that stops monitors nobody consumes (PROTOCOL 6)."""
         self.expiry = ExpiryChecker(self.io.admin.client, self.destinations, self.expiry_timeout, self.expire,
-                                    self.opts.nc_monitor_consumer_filterout_regex).start()
+                                    self.opts.nc_monitor_consumer_filterout_regex, purge=self.purge).start()
         return self.expiry
 
     def expire(self, topic: str) -> None:
@@ -425,12 +425,32 @@ class Gateway:
                     log.exception("cannot record the expiry of %s in the state topic", topic)
             purge = d.created and self.opts.nc_purge_queue_on_exp_timeout
             if purge:
+                self.destinations.purge_later(topic)
+        log.info("monitor of %d PVs on %s expired: no consumer for %g s%s", len(d.pvs), topic, self.expiry_timeout,
+                 "; its topic is to be deleted" if purge else "")
+
+    def purge(self, topic: str) -> None:
+        """Delete an expired monitor's topic, again if a producer's metadata request re-created it.
+
+        Under the expiry lock, as expiry: a monitor command for this topic meanwhile takes it back.
+        """
+        with self.destinations.lock:
+            try:
+                exists = self.io.admin.exists(topic)
+            except Exception as e:   # Kafka unreachable: look again next round
+                log.warning("cannot tell whether expired monitor topic %s exists: %s", topic, e)
+                return
+            step = self.destinations.purge_step(topic, exists)
+            if step is PurgeStep.DELETE:
                 try:
                     self.io.admin.delete(topic)
+                    log.info("expired monitor topic %s deleted", topic)
                 except Exception as e:
                     log.warning("cannot delete expired monitor topic %s: %s", topic, e)
-        log.info("monitor of %d PVs on %s expired: no consumer for %g s%s", len(d.pvs), topic, self.expiry_timeout,
-                 "; topic deleted" if purge else "")
+            elif step is PurgeStep.LEAVE:
+                log.warning("expired monitor topic %s came back after %d deletions and is left in place: a producer "
+                            "that wrote to it re-creates it (broker auto.create.topics.enable=true)", topic,
+                            PURGE_DELETES)
 
     def on_status(self, cmd: C.Status) -> None:
         self.reply(cmd, replies.status(cmd.reply_id, self.status()), replies.STATUS_KEY)
@@ -477,6 +497,7 @@ class Gateway:
                              "subscriptions_opened": self.hub.opened.get(ch.pv, 0)})
         doc["monitors"] = monitors
         doc["topics_created"] = sorted(self.io.admin.created)
+        doc["topics_purging"] = sorted(self.destinations.purging())   # expired, to be deleted
         return doc
 
     # ------------------------------------------------------------- lifecycle
