@@ -216,16 +216,19 @@ def failing_on(bad: str, seen: list) -> Callable[[str], None]:
     return call
 
 
-def test_checker_purges_what_is_due_without_monitors_and_survives_a_failing_purge():
+@pytest.mark.parametrize("monitors", [False, True])
+def test_checker_purges_what_is_due_with_or_without_monitors_and_survives_a_failing_purge(monitors):
+    """Purges depend neither on monitors being left nor on Kafka listing the consumer groups."""
     clock = Clock()
     dests = E.Destinations(clock)
+    if monitors:
+        dests.add("still-fed", A)
     for t in ("bad", "good", "later"):
         dests.purge_later(t, settle=1 if t != "later" else 100)
     clock.t += 1
     seen = []
-    admin = FakeAdmin([], fail=True)   # no consumer groups are asked for: there are no monitors
-    E.ExpiryChecker(admin, dests, 10, [].append, purge=failing_on("bad", seen)).check()
-    assert seen == ["bad", "good"]
+    E.ExpiryChecker(FakeAdmin([], fail=True), dests, 10, [].append, purge=failing_on("bad", seen)).check()
+    assert seen == ["bad", "good"] and dests.topics() == (["still-fed"] if monitors else [])
 
 
 # ----------------------------------------------------------------------------- the gateway's side, with fakes
