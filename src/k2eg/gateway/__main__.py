@@ -59,15 +59,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from .epics.ca import CAProvider
     from .epics.pva import PVAProvider
+    from .journal import PutJournal
     from .kafka import KafkaIO
     from .service import Gateway
     from .state import StateStore
 
+    stopping = False
     io = KafkaIO(opts)
     state = StateStore(opts)
+    journal = PutJournal(opts, lambda: stopping)
+    io.partitions = journal   # read before the commands of a partition, pruned as they are committed
     providers = {"pva": PVAProvider(), "ca": CAProvider()}
     try:
-        gw = Gateway(opts, io, providers, state)
+        gw = Gateway(opts, io, providers, state, journal)
     except ValueError as e:  # e.g. an unreadable access rules file: refuse to start
         print(f"k2eg-gateway: {e}", file=sys.stderr)
         return 2
@@ -83,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
     beacon = StatusBeacon(lambda: gw.status(detail=False), io.publish, io.admin, opts.cmd_input_topic,
                           gw.identity["id"]).start()
-    stopping = False
 
     def _stop(signum, frame):
         nonlocal stopping
@@ -97,25 +100,33 @@ def main(argv: list[str] | None = None) -> int:
         # Monitors and snapshots of the previous run resume before any command is served.
         gw.resume(state.load(lambda: stopping))
         gw.start_expiry()
-        for raws in io.commands(busy=gw.busy):
-            gw.handle(*raws)
+        # At a stop, commands() ends reading, lets the commands read finish (--command-drain-timeout) and
+        # commits those that did; what finishes later is not answered: the next gateway of the group runs it.
+        for raws, at in io.commands(busy=gw.busy, drained=gw.stop_replying):
+            gw.handle(*raws, at=at)
             if not announced and io.assigned.is_set():
                 announced = True
                 # Printed, not logged: the stack and the tests wait for this line at any log level.
                 print(f"k2eg gateway ready: consuming {opts.cmd_input_topic}", file=sys.stderr, flush=True)
     finally:
+        # Order: the drain (above), then Kafka gets what the drain produced, then EPICS closes, then the
+        # producers (a callback of a closing provider still finds them).
         log.info("stopping")
         beacon.stop()
         if metrics is not None:
             metrics.close()
         gw.close()
         state.close()
-        io.stop()
+        journal.close()
+        left = io.flush()
+        if left:
+            log.warning("stopping: %d records still on their way to Kafka", left)
         for p in providers.values():
             try:
                 p.close()
             except Exception as e:
                 log.warning("closing %s provider: %s", p.protocol, e)
+        io.stop()
     return 0
 
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from functools import partial
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -21,6 +21,7 @@ from k2eg.protocol.commands import Serialization
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.transport import TopicAdmin
 
+from .commits import CommitTracker, Position
 from .options import Options
 
 log = logging.getLogger("k2eg.gateway.kafka")
@@ -33,10 +34,14 @@ TOPICS_PER_PRODUCER = 1000
 MAX_EVENT_PRODUCERS = 16  # beyond 16k topics they are shared round-robin
 REPLY_BLOCK_S = 10.0      # longest a reply or snapshot record waits for queue space (worker thread)
 POLL_S = 0.05             # poll thread period: delivery reports and side-table retries
-# Command offsets are committed this often (ms): a gateway killed -9 runs at most this
-# much of its last commands again. A commit per batch instead flooded the group
-# coordinator at thousands of gets/s until heartbeats timed out (bench get_throughput).
+# Offsets of handled commands are committed this often (ms): a gateway killed -9 runs again
+# its unfinished commands and those handled in the last interval. A commit per batch instead
+# flooded the group coordinator at thousands of gets/s until heartbeats timed out (bench get_throughput).
 COMMIT_INTERVAL_MS = 200
+# Commands read whose offsets cannot be committed yet (one slow command holds back those behind it):
+# beyond this many the gateway stops reading until the slow one finishes, bounding its memory and
+# what a crash would run again.
+UNCOMMITTED_MAX = 100_000
 LOG_EVERY_S = 10.0        # at most one log line per kind of loss per this many seconds
 
 _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
@@ -120,6 +125,19 @@ _rdkafka_log = logging.getLogger("k2eg.gateway.rdkafka")  # every client's librd
 _rdkafka_log.addFilter(_OnePerFacility())
 
 
+Batch = tuple[list, list]  # (payloads, positions) of the commands read in one poll
+
+
+class PartitionListener(Protocol):
+    """Told about the command partitions, on the consumer thread (the put journal)."""
+
+    def assigned(self, starts: dict[int, int]) -> None: ...   # partition -> first offset to be read
+
+    def revoked(self, partitions: list[int]) -> None: ...
+
+    def committed(self, offsets: dict[int, int]) -> None: ...  # partition -> committed offset
+
+
 class KafkaIO:
     def __init__(self, opts: Options, on_delivery_error: Callable[[str], None] | None = None,
                  topics_per_producer: int = TOPICS_PER_PRODUCER):
@@ -143,10 +161,16 @@ class KafkaIO:
         self._topics_per_producer = topics_per_producer
         sub = {"bootstrap.servers": opts.sub_server_address, "group.id": opts.sub_group_id,
                "auto.offset.reset": "latest", "enable.auto.commit": True, "auto.commit.interval.ms": COMMIT_INTERVAL_MS,
+               # Only offsets of handled commands are stored, and so committed (``_settle``).
+               "enable.auto.offset.store": False, "on_commit": self._on_commit,
                "fetch.wait.max.ms": 10, "session.timeout.ms": 10_000, "heartbeat.interval.ms": 1000,
                "logger": _rdkafka_log}
         sub.update(opts.kv("sub"))
         self.cmd_topic = opts.cmd_input_topic
+        self.drain_s = float(opts.command_drain_timeout)
+        self.commits = CommitTracker()
+        self.handled = self.commits.done   # any thread: the command at this position is handled
+        self.partitions: PartitionListener | None = None
         admin = {"bootstrap.servers": opts.pub_server_address, **operator}
         self.admin = TopicAdmin({k: v for k, v in admin.items() if not k.startswith(("linger", "queue.", "enable.idem",
                                                                                      "batch.", "compression",
@@ -158,6 +182,7 @@ class KafkaIO:
         self.coalesced = 0        # monitor events replaced by a newer value of the same PV while Kafka lagged
         self.delivery_failed = 0  # records librdkafka gave up on (e.g. broker away beyond message.timeout.ms)
         self.command_pauses = 0   # times the command topic was paused for a worker backlog
+        self.left_unfinished = 0  # commands still running when the drain at a stop ended (left to the group)
         self.published = 0        # records and bytes handed to librdkafka (metrics)
         self.published_bytes = 0
         self.latency = None       # a prometheus Histogram when metrics are on (replies and snapshots)
@@ -425,70 +450,150 @@ class KafkaIO:
                 p.offset = high
             else:
                 p.offset = c.offset
+        self.commits.forget([p.partition for p in partitions])
+        if self.partitions is not None:   # before any command of these partitions is read
+            self.partitions.assigned({p.partition: p.offset for p in partitions})
         consumer.assign(partitions)
         self.assigned.set()
 
-    def commands(self, batch: int = 200, busy: Callable[[], bool] | None = None) -> Iterator[list[bytes | None]]:
-        """Raw command payloads, as read together in one poll, until ``stop``; an empty list when idle.
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """What was handled is stored now, and committed by librdkafka as the partitions go."""
+        self._settle()
+        gone = [p.partition for p in partitions]
+        self.commits.forget(gone)
+        if self.partitions is not None:
+            self.partitions.revoked(gone)
 
-        While ``busy()`` (the workers are behind) the command topic is paused: commands
-        wait in Kafka rather than in memory, and polling goes on so the group keeps us.
+    def _on_commit(self, err, partitions: list[TopicPartition]) -> None:
+        if err is not None or self.partitions is None:
+            return
+        done = {p.partition: p.offset for p in partitions
+                if p.error is None and p.offset >= 0 and p.topic == self.cmd_topic}
+        if done:
+            self.partitions.committed(done)
+
+    def _settle(self) -> None:
+        """Consumer thread: store the offsets of handled commands, for librdkafka's next commit."""
+        moved = self.commits.settle()
+        if moved and self.consumer is not None:
+            try:
+                self.consumer.store_offsets(offsets=[TopicPartition(self.cmd_topic, p, o) for p, o in moved.items()])
+            except KafkaException as e:   # e.g. a partition revoked meanwhile: its commands run again elsewhere
+                log.warning("storing command offsets %s: %s", moved, e)
+
+    def commands(self, batch: int = 200, busy: Callable[[], bool] | None = None,
+                 drained: Callable[[], None] | None = None) -> Iterator[Batch]:
+        """Raw command payloads with their positions, as read together in one poll, until ``stop_consuming``;
+        empty lists when idle. Pass each position to ``handled`` once its command is handled: only then
+        is its offset committed.
+
+        While ``busy()`` (the workers are behind), or while too many commands wait behind an
+        unfinished one, the command topic is paused: commands wait in Kafka rather than in memory,
+        and polling goes on so the group keeps us. At the stop the commands read get
+        ``command_drain_timeout`` to finish (``_drain``); ``drained()`` is called once it is over.
         """
         self.admin.ensure([self.cmd_topic])
         self.consumer = Consumer(self._sub_config)
-        self.consumer.subscribe([self.cmd_topic], on_assign=self._on_assign)
+        self.consumer.subscribe([self.cmd_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while self._running and self._running_consumer:
-                if busy is not None and busy():
+                if self._behind(busy):
                     yield from self._paused(busy)
                     continue
                 # Wait for one record, then take what is already there: consume(n, t)
                 # alone would hold every command for up to t unless n had arrived.
                 first = self.consumer.poll(0.2)
-                yield [] if first is None else self._payloads([first, *self.consumer.consume(batch - 1, 0)])
+                self._settle()
+                yield ([], []) if first is None else self._received([first, *self.consumer.consume(batch - 1, 0)])
+            self._drain(drained)
         finally:
             try:
-                self.consumer.close()  # closed by the thread that polls it
+                self.consumer.close()  # closed by the thread that polls it; commits what was stored
             except Exception as e:
                 log.warning("closing command consumer: %s", e)
 
-    @staticmethod
-    def _payloads(msgs: list) -> list[bytes | None]:
-        out = []
+    def _received(self, msgs: list) -> Batch:
+        payloads, positions = [], []
+        read = self.commits.read
         for m in msgs:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("command consumer: %s", err)
                 continue
-            out.append(m.value())
-        return out
+            payloads.append(m.value())
+            positions.append(read(m.partition(), m.offset()))
+        return payloads, positions
 
-    def _paused(self, busy: Callable[[], bool]) -> Iterator[list[bytes | None]]:
+    def _behind(self, busy: Callable[[], bool] | None) -> bool:
+        return (busy is not None and busy()) or self.commits.uncommitted() >= UNCOMMITTED_MAX
+
+    def _paused(self, busy: Callable[[], bool] | None) -> Iterator[Batch]:
         consumer = self.consumer
         assert consumer is not None
         self.command_pauses += 1
         n = self._throttles.setdefault("cmd-backlog", _Throttle()).due()
         if n:
-            log.warning("command workers are behind: reading %s paused until they catch up "
-                        "(%d such pauses in the last %g s)", self.cmd_topic, n, LOG_EVERY_S)
+            if busy is not None and busy():
+                why = "command workers are behind"
+            else:
+                why = (f"{self.commits.uncommitted()} commands wait for the command at (partition, offset) "
+                       f"{self.commits.oldest()} to finish before their offsets can be committed")
+            log.warning("%s: reading %s paused until they catch up (%d such pauses in the last %g s)",
+                        why, self.cmd_topic, n, LOG_EVERY_S)
         try:
             consumer.pause(consumer.assignment())
-            while busy() and self._running and self._running_consumer:
+            while self._behind(busy) and self._running and self._running_consumer:
                 m = consumer.poll(0.05)  # nothing comes from paused partitions; keeps group membership
+                self._settle()
                 # fetched before the pause, or assigned since: never dropped
-                yield [] if m is None else self._payloads([m])
+                yield ([], []) if m is None else self._received([m])
         finally:
             try:
                 consumer.resume(consumer.assignment())
             except KafkaException as e:
                 log.warning("resuming the command topic: %s", e)
 
+    def _drain(self, drained: Callable[[], None] | None) -> None:
+        """The stop: no command is read any more; those read get ``drain_s`` to finish. The offsets of the
+        handled ones are stored (the consumer's close commits them); the others stay for the next gateway
+        of the group, which runs them."""
+        consumer = self.consumer
+        assert consumer is not None
+        self._settle()
+        unfinished = self.commits.unfinished()
+        if unfinished:
+            log.info("stopping: waiting up to %g s for %d commands read to finish", self.drain_s, unfinished)
+            try:
+                consumer.pause(consumer.assignment())
+            except KafkaException as e:
+                log.warning("pausing the command topic: %s", e)
+            deadline = time.monotonic() + self.drain_s
+            while self.commits.unfinished() and time.monotonic() < deadline:
+                consumer.poll(0.05)   # keeps the group membership; a record fetched before the pause is left
+                self._settle()
+        if drained is not None:
+            drained()
+        self._settle()
+        self.left_unfinished = self.commits.unfinished()
+        if self.left_unfinished:
+            log.warning("stopping: %d commands read did not finish within %g s (--command-drain-timeout); their "
+                        "offsets stay uncommitted, so the next gateway of group %s runs them",
+                        self.left_unfinished, self.drain_s, self._sub_config["group.id"])
+
     def stop_consuming(self) -> None:
         self._running_consumer = False
 
+    def flush(self, timeout: float = 5.0) -> int:
+        """Wait, at most ``timeout``, for what has been produced so far to reach Kafka, while the poll thread
+        goes on (it retries the side table and resends); returns how many records are still queued."""
+        deadline = time.monotonic() + timeout
+        for p in self.producers:
+            p.flush(max(0.0, deadline - time.monotonic()))
+        return self.queue_depth()
+
     def stop(self, flush_timeout: float = 5.0) -> None:
-        """Flush and stop the producers; call after the command loop has ended."""
+        """Flush and stop the producers; call after the command loop has ended and EPICS is closed."""
         self._running = False
         self._poller.join(1.0)
         deadline = time.monotonic() + flush_timeout

@@ -116,6 +116,12 @@ SPECS: tuple[Spec, ...] = (
          "the rest wait in Kafka (ext)"),
     Spec("state-topic", default="", help="compacted topic keeping monitors and snapshots across restarts; "
                                          "default <cmd-input-topic>-gateway-state; one gateway per topic (ext)"),
+    Spec("command-drain-timeout", _positive(float), 10.0,
+         "seconds a stopping gateway (SIGTERM) gives the commands it has read to finish; the others stay "
+         "uncommitted and the next gateway of its group runs them (ext)"),
+    Spec("put-journal-topic", default="", help="compacted topic recording each put started and finished, so that "
+                                               "no put is applied twice after a crash; default "
+                                               "<cmd-input-topic>-gateway-journal (ext)"),
     Spec("access-rules", default="", help="put access rules file (ext)"),
     Spec("read-only", _bool, False, "refuse every put (ext)"),
 )
@@ -295,5 +301,7 @@ def parse(argv: Sequence[str] | None = None, environ: dict[str, str] | None = No
         raise OptionError(f"--node-type '{opts.node_type}' is not supported: this gateway runs as 'gateway'")
     if not opts.state_topic:
         opts.values["state_topic"] = f"{opts.cmd_input_topic}-gateway-state"
+    if not opts.put_journal_topic:
+        opts.values["put_journal_topic"] = f"{opts.cmd_input_topic}-gateway-journal"
     opts.kv("pub"), opts.kv("sub")  # a setting the Kafka client would refuse fails here, with its name
     return opts

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from k2eg.protocol import commands as C
 from k2eg.protocol import replies
@@ -21,7 +21,9 @@ from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .epics.base import Provider, connect_timeout
+from .commits import Position
 from .expiry import PURGE_DELETES, Destinations, ExpiryChecker, PurgeStep
+from .journal import PutJournal
 from .kafka import KafkaIO, too_large
 from .memory import Trimmer
 from .monitors import MonitorHub
@@ -83,7 +85,8 @@ class Workers:
 
 
 class Gateway:
-    def __init__(self, opts: Options, io: KafkaIO, providers: dict[str, Provider], state: StateStore | None = None):
+    def __init__(self, opts: Options, io: KafkaIO, providers: dict[str, Provider], state: StateStore | None = None,
+                 journal: PutJournal | None = None):
         self.opts = opts
         self.io = io
         self.providers = providers
@@ -101,12 +104,14 @@ class Gateway:
         self._lock = threading.Lock()
         self._gets_reading = 0                  # gets whose read a provider will call back (no worker holds them)
         self.state = state                      # None: nothing survives a restart (unit tests)
+        self.journal = journal                  # None: puts are not journaled (unit tests)
+        self._replying = True                   # False once the stop's drain is over (``stop_replying``)
         self.destinations = Destinations()      # monitor destination topics, for expiry
         self.expiry: ExpiryChecker | None = None
         self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read, self.io.ensure_topics,
                                          state=state)
         self.handlers: dict[type, Callable[[Any], None]] = {
-            C.Put: self.on_put, C.Info: self.on_info,  # gets: _get_together
+            C.Put: self.on_put, C.Info: self.on_info,  # gets: _get_together; a put also gets its position
             C.Monitor: self.on_monitor, C.MultiMonitor: self.on_multi_monitor,
             C.Snapshot: self.snapshots.one_shot, C.RepeatingSnapshot: self.snapshots.start,
             C.SnapshotTrigger: self.snapshots.trigger, C.SnapshotStop: self.snapshots.stop,
@@ -124,7 +129,7 @@ class Gateway:
 
     def reply(self, cmd: C.Command, record: dict, key: str | None, value_key: str | None = None) -> None:
         """Send ``record`` to the command's reply topic, created if missing; without one, nothing to do."""
-        if not cmd.reply_topic:
+        if not cmd.reply_topic or not self._replying:
             return
         self.io.ensure_topics([cmd.reply_topic])
         refused = None if record.get("error") else partial(self._reply_too_large, cmd, key)
@@ -149,41 +154,50 @@ class Gateway:
             log.error("cannot answer %s on %s: %s", cmd.name or "command", cmd.reply_topic, e.message)
 
     # ------------------------------------------------------------- entry
-    def handle(self, *raws: bytes | None) -> None:
+    def handle(self, *raws: bytes | None, at: Sequence[Position] | None = None) -> None:
         """Consumer thread: parse and hand off the commands read in one poll. Never raises.
 
-        Gets of one PV among them share one EPICS read (``_get_together``).
+        ``at``: the commands' positions in the command topic; each is reported to ``io.handled``
+        once its command is handled (replied to, or its failure reported), so that only then its
+        offset is committed. Gets of one PV among them share one EPICS read (``_get_together``).
         """
-        gets: dict[tuple[str, str], list[C.Get]] = {}
-        for raw in raws:
-            cmd = self._parse(raw)
+        gets: dict[tuple[str, str], tuple[list[C.Get], list[Position | None]]] = {}
+        for i, raw in enumerate(raws):
+            pos = None if at is None else at[i]
+            cmd = self._parse(raw, pos)
             if cmd is None:
                 continue
             if type(cmd) is C.Get:
-                gets.setdefault((cmd.pv.protocol, cmd.pv.name), []).append(cmd)
+                same = gets.get((cmd.pv.protocol, cmd.pv.name))
+                if same is None:
+                    same = gets[(cmd.pv.protocol, cmd.pv.name)] = ([], [])
+                same[0].append(cmd)
+                same[1].append(pos)
                 continue
             handler = self.handlers.get(type(cmd))
             if handler is None:
-                self._submit(self.fail, cmd, replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
-                             f"command '{cmd.name}' is not available on this gateway")
+                self._submit_at(pos, self.fail, cmd, replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
+                                f"command '{cmd.name}' is not available on this gateway")
+            elif type(cmd) is C.Put:
+                self._submit_at(pos, self._run, handler, cmd, pos)
             else:
-                self._submit(self._run, handler, cmd)
-        for same in gets.values():
-            self._read_for(same)
+                self._submit_at(pos, self._run, handler, cmd)
+        for same, positions in gets.values():
+            self._read_for(same, positions)
 
-    def _parse(self, raw: bytes | None) -> C.Command | None:
+    def _parse(self, raw: bytes | None, at: Position | None = None) -> C.Command | None:
         """The command, or None once its parse error is on its way to the sender."""
         self._count("received")
         try:
             return C.parse_command(raw)
         except C.CommandError as e:
             self._count("bad")
-            self._submit(self.fail, e.envelope, replies.PARSE_ERROR_KEY, e.code, e.message)
+            self._submit_at(at, self.fail, e.envelope, replies.PARSE_ERROR_KEY, e.code, e.message)
         except Exception as e:  # a parser bug must not stop the command loop
             self._count("bad")
             log.exception("cannot parse a command of %d bytes", len(raw or b""))
-            self._submit(self.fail, C.Command(), replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
-                         f"command could not be read: {type(e).__name__}")
+            self._submit_at(at, self.fail, C.Command(), replies.PARSE_ERROR_KEY, ErrorCode.BAD_REQUEST,
+                            f"command could not be read: {type(e).__name__}")
         return None
 
     def _submit(self, fn: Callable, *args: Any) -> None:
@@ -191,6 +205,24 @@ class Gateway:
             self.workers.submit(self._safe, fn, *args)
         except RuntimeError:  # pool shut down: we are stopping
             log.warning("gateway stopping: a command was not executed")
+
+    def _submit_at(self, at: Position | None, fn: Callable, *args: Any) -> None:
+        """``_submit`` for the command at ``at``: handled once ``fn`` returns (a command not run stays uncommitted)."""
+        if at is None:
+            self._submit(fn, *args)
+        else:
+            self._submit(self._handled, at, fn, *args)
+
+    def _handled(self, at: Position, fn: Callable, *args: Any) -> None:
+        try:
+            fn(*args)
+        finally:
+            self.io.handled(at)
+
+    def stop_replying(self) -> None:
+        """The stop's drain is over: what finishes later is not answered, as its offset is no longer committed
+        and the next gateway of the group runs it and answers (one reply per command after a SIGTERM)."""
+        self._replying = False
 
     def busy(self) -> bool:
         """Enough commands wait, for a worker or for their PV: the command loop stops reading until fewer do."""
@@ -233,7 +265,7 @@ class Gateway:
             with self._lock:
                 self.operations[key] = self.operations.get(key, 0) + 1
 
-    def _read_for(self, gets: list[C.Get]) -> None:
+    def _read_for(self, gets: list[C.Get], at: list[Position | None]) -> None:
         """Gets of one PV read in one poll: one EPICS read, issued after all of them arrived, answers
         each (so none gets a value older than its command), or its failure fails each. Under load
         this is what spares the IOC and the gateway one read per get (bench/EXPERIMENTS.md row 32).
@@ -244,16 +276,17 @@ class Gateway:
         pv = gets[0].pv
         get_async = getattr(self.provider(pv), "get_async", None)
         if get_async is None or not self.io.publishes_at_once(cmd.reply_topic for cmd in gets if cmd.reply_topic):
-            self._submit(self._get_together, gets)
+            self._submit(self._get_together, gets, at)
             return
         with self._lock:
             self._gets_reading += len(gets)
         try:
-            get_async(pv.name, self.timeout, partial(self._answer_gets, gets))
+            get_async(pv.name, self.timeout, partial(self._answer_gets, gets, at))
         except Exception as e:
-            self._submit(self._answer_gets, gets, None, e)
+            self._submit(self._answer_gets, gets, at, None, e)
 
-    def _answer_gets(self, gets: list[C.Get], tree: dict | None, error: Exception | None) -> None:
+    def _answer_gets(self, gets: list[C.Get], at: list[Position | None], tree: dict | None,
+                     error: Exception | None) -> None:
         """The end of an asynchronous read, on the provider's thread: each get answered."""
         with self._lock:
             self._gets_reading -= len(gets)
@@ -263,15 +296,17 @@ class Gateway:
                 raise error
             return tree
 
-        self._answer_each(gets, read)
+        self._answer_each(gets, at, read)
 
-    def _get_together(self, gets: list[C.Get]) -> None:
+    def _get_together(self, gets: list[C.Get], at: list[Position | None]) -> None:
         """``_read_for`` on a worker: one blocking read for all."""
-        self._answer_each(gets, _once(self.read))
+        self._answer_each(gets, at, _once(self.read))
 
-    def _answer_each(self, gets: list[C.Get], read: Callable[[PVUri], dict]) -> None:
-        for cmd in gets:
-            self._run(self.on_get, cmd, read)
+    def _answer_each(self, gets: list[C.Get], at: list[Position | None], read: Callable[[PVUri], dict]) -> None:
+        for cmd, pos in zip(gets, at):
+            self._run(self.on_get, cmd, read)   # never raises
+            if pos is not None:
+                self.io.handled(pos)
 
     def metrics(self) -> dict:
         """Everything the Prometheus endpoint shows, read at scrape time."""
@@ -300,7 +335,8 @@ class Gateway:
         tree = read(cmd.pv)
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, tree), cmd.pv.uri, cmd.pv.name)
 
-    def on_put(self, cmd: C.Put) -> None:
+    def on_put(self, cmd: C.Put, at: Position | None = None) -> None:
+        """A put, applied at most once: with its position ``at``, through the put journal."""
         app = app_of(cmd.reply_topic)
         try:
             self.policy.check(cmd.pv.name, app)
@@ -309,9 +345,15 @@ class Gateway:
                 self.puts_denied += 1
             log.warning("put %s = %s by %s denied: %s", cmd.pv.uri, _short(cmd.value), app or "?", e.message)
             raise
+        put = partial(self._put, cmd, app)
+        message = put() if self.journal is None or at is None else self.journal.apply(at, cmd, put)
+        self.reply(cmd, replies.ok(cmd.reply_id, message), cmd.pv.uri)
+
+    def _put(self, cmd: C.Put, app: str | None) -> str:
+        """Write the value to EPICS; the success message of the reply."""
         self.provider(cmd.pv).put(cmd.pv.name, cmd.value, self.timeout)
         log.info("put %s = %s by %s", cmd.pv.uri, _short(cmd.value), app or "?")
-        self.reply(cmd, replies.ok(cmd.reply_id, f"put of {cmd.pv.uri} done"), cmd.pv.uri)
+        return f"put of {cmd.pv.uri} done"
 
     def on_info(self, cmd: C.Info) -> None:
         # A description, not a value: msgpack-compact leaves it a map (its leaves alone would mean nothing).
