@@ -351,3 +351,28 @@ def test_a_snapshot_that_keeps_failing_gives_up_and_answers_pending_requests():
         S.MAX_FAILURES = old
     assert all(a["error"] == ErrorCode.EPICS_FAILED and a["message"] for a in answers)
     rig.wait(lambda: "broken" not in rig.mgr.running)
+
+
+def test_one_shot_never_makes_the_epics_callback_thread_wait_for_kafka():
+    """A tap runs on the provider's callback thread; while Kafka takes its time, that thread goes on."""
+    rig = Rig()
+    kafka_free = threading.Event()
+    original = rig._publish
+
+    def lagging(*args, **kw):
+        assert kafka_free.wait(30), "never released"
+        original(*args, **kw)
+    rig.mgr.publish_record = lagging
+    cmd = C.Snapshot(reply_topic="r", reply_id="lag", pvs=pvs("pva://a", "pva://b"), time_window_msec=10_000)
+    worker = threading.Thread(target=rig.mgr.one_shot, args=(cmd,))
+    worker.start()
+    rig.wait(lambda: "a" in rig.prov.callbacks and "b" in rig.prov.callbacks)
+    callback = threading.Thread(target=lambda: (rig.prov.emit("a", tree(1)), rig.prov.emit("b", tree(2))))
+    callback.start()
+    callback.join(10)
+    blocked = callback.is_alive()
+    kafka_free.set()
+    worker.join(10)
+    assert not blocked, "the EPICS callback thread waited for Kafka"
+    recs = [r for _, _, r in rig.records]
+    assert [r["error"] for r in recs] == [0, 0, 1] and rig.prov.gets == []

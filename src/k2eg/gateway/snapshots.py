@@ -147,6 +147,10 @@ def coherent(history: Mapping[Hashable, Sequence[tuple[float | None, Any]]], arr
 class OneShot:
     """Publishes each PV's first value, reads the silent ones at the window's end, then completes.
 
+    Values are handed to the thread that runs the snapshot (a command worker), which alone
+    publishes: a tap runs on an EPICS callback thread, and a publish may wait for Kafka
+    (up to ``REPLY_BLOCK_S``) -- every monitor of that provider would wait with it.
+
     A record the broker refuses for its size is replaced by an error record for its PV
     before completion, so the caller still learns about every PV it asked for; that is
     why completion waits for Kafka's delivery reports.
@@ -156,12 +160,13 @@ class OneShot:
                  read: Callable[[PVUri], dict], pool: ThreadPoolExecutor | None = None, read_timeout: float = 5.0):
         self.cmd, self.hub, self.publish, self.read, self.pool = cmd, hub, publish, read, pool
         self.read_timeout = read_timeout
-        self.sent: set[PVUri] = set()
+        # Guards ``taken``, ``arrived`` and ``closed``; never held while publishing.
+        self.cond = threading.Condition()
+        self.taken: set[PVUri] = set()           # PVs whose record is published or waiting in ``arrived``
+        self.arrived: dict[PVUri, Any] = {}      # first values not yet published
         self.closed = False
-        self.lock = threading.Lock()
-        self.all_sent = threading.Event()
-        # Delivery reports come on the producer's poll thread, which must never wait for self.lock
-        # (held while publishing, which may wait for that thread to free queue space).
+        # Delivery reports come on the producer's poll thread, which must never wait for
+        # the publishing thread (that one may wait for the poll thread to free queue space).
         self.reports = threading.Condition()
         self.unsettled = 0
         self.refused: dict[PVUri, str] = {}
@@ -186,18 +191,39 @@ class OneShot:
             self.reports.notify_all()
 
     def _offer(self, pv: PVUri, tree: Any) -> None:
-        """Publish ``pv``'s record unless it already has one. Under the lock, so completion comes last."""
-        with self.lock:
-            if self.closed or pv in self.sent:
+        """Hand ``pv``'s value to the publishing thread unless it already has one. Never waits for Kafka."""
+        with self.cond:
+            if self.closed or pv in self.taken:
                 return
-            self.sent.add(pv)
+            self.taken.add(pv)
+            self.arrived[pv] = tree
+            self.cond.notify_all()
+
+    def _publish_arrived(self) -> None:
+        with self.cond:
+            batch, self.arrived = self.arrived, {}
+        for pv, tree in batch.items():
             try:
                 self._send(pv, tree)
             except Exception as e:  # a value we cannot encode still gets its record
                 log.exception("snapshot %s: cannot publish the value of %s", self.cmd.reply_id, pv)
                 self._send(pv, unreadable(f"cannot encode the value: {type(e).__name__}: {e}"))
-            if len(self.sent) == len(self.cmd.pvs):
-                self.all_sent.set()
+
+    def _publish_until(self, deadline: float) -> None:
+        """Publish values as they are handed over, until every PV has its record or ``deadline`` (monotonic)."""
+        while True:
+            self._publish_arrived()
+            with self.cond:
+                if self.arrived:
+                    continue
+                left = deadline - time.monotonic()
+                if len(self.taken) == len(self.cmd.pvs) or left <= 0:
+                    return
+                self.cond.wait(left)
+
+    def _silent(self) -> list[PVUri]:
+        with self.cond:
+            return [pv for pv in self.cmd.pvs if pv not in self.taken]
 
     def _replace_refused(self) -> None:
         """Kafka's verdicts on the records sent; each one refused for its size becomes an error record."""
@@ -213,8 +239,8 @@ class OneShot:
         self._offer(ch.pv, tree)
 
     def _read(self, pv: PVUri) -> None:
-        with self.lock:
-            if pv in self.sent or self.closed:
+        with self.cond:
+            if pv in self.taken or self.closed:
                 return
         try:
             tree = self.read(pv)
@@ -233,9 +259,8 @@ class OneShot:
                 last = ch.last
                 if last is not None:       # a running subscription already knows the current value
                     self._offer(pv, last)
-            self.all_sent.wait(max(0.0, deadline - time.monotonic()))
-            with self.lock:
-                silent = [pv for pv in self.cmd.pvs if pv not in self.sent]
+            self._publish_until(deadline)
+            silent = self._silent()
             if silent and self.pool is None:
                 for pv in silent:
                     self._read(pv)
@@ -243,20 +268,19 @@ class OneShot:
                 # Gets run in parallel while monitors keep delivering: whichever answers first is taken.
                 # One deadline for all, so many unreachable PVs cost one connection timeout, not one each.
                 futures = [self.pool.submit(self._read, pv) for pv in silent]
-                self.all_sent.wait(self.read_timeout + 0.5)
+                self._publish_until(time.monotonic() + self.read_timeout + 0.5)
                 for f in futures:
                     f.cancel()
-                with self.lock:
-                    late = [pv for pv in silent if pv not in self.sent]
-                for pv in late:
-                    self._offer(pv, unreadable(f"PV '{pv.name}' sent no value within the "
-                                               f"{self.cmd.time_window_msec} ms window and could not be read "
-                                               f"within {self.read_timeout:g} s"))
+            for pv in self._silent():
+                self._offer(pv, unreadable(f"PV '{pv.name}' sent no value within the "
+                                           f"{self.cmd.time_window_msec} ms window and could not be read "
+                                           f"within {self.read_timeout:g} s"))
         finally:
-            with self.lock:
+            with self.cond:
                 self.closed = True
             for pv in self.cmd.pvs:
                 self.hub.remove_tap(pv, self._tap)
+        self._publish_arrived()
         self._replace_refused()
         self.publish(replies.snapshot_complete(self.cmd.reply_id), None)
 
