@@ -67,6 +67,7 @@ from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .kafka import too_large
 from .monitors import Channel, MonitorHub
+from .options import SPECS
 from .state import SnapshotState, StateStore, snapshot_key
 
 log = logging.getLogger("k2eg.gateway.snapshots")
@@ -78,6 +79,8 @@ HISTORY = 16            # values kept per PV to choose from
 MAX_FAILURES = 5        # consecutive failed iterations before a snapshot gives up
 MAX_PENDING = 1000      # queued triggers/stops per snapshot
 DELIVERY_WAIT_S = 5.0  # a one-shot snapshot's completion waits this long at most for Kafka's verdicts
+# timedbuffered: values held until the next push; the default of --snapshot-max-buffered
+MAX_BUFFERED: int = next(s.default for s in SPECS if s.name == "snapshot-max-buffered")
 COMM_ALARM = 9          # alarm status of a PV the gateway could not talk to (as for a lost connection)
 
 
@@ -287,6 +290,13 @@ class OneShot:
 
 # ----------------------------------------------------------------------------- repeating
 
+class NotRunning(ProtocolError):
+    """No snapshot of that name is running (never started, stopped, or ended)."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.BAD_REQUEST, message)
+
+
 @dataclass
 class Request:
     """A trigger or stop waiting for the snapshot's thread; ``answer`` replies to its sender."""
@@ -312,7 +322,7 @@ class Repeating:
     def __init__(self, cmd: C.RepeatingSnapshot, hub: MonitorHub,
                  publish: Callable[[str, str, dict, str | None], None],
                  on_end: Callable[["Repeating"], None] = lambda snap: None, settle: float = SETTLE_S,
-                 first_iteration: int = 0, warmup: float = 0.0):
+                 first_iteration: int = 0, warmup: float = 0.0, max_buffered: int = MAX_BUFFERED):
         self.cmd = cmd
         self.name = cmd.snapshot_name
         self.topic = snapshot_topic(cmd.snapshot_name)
@@ -325,16 +335,19 @@ class Repeating:
         self.published = first_iteration   # last iteration whose Tail went out without error
         self.warmup = warmup        # resumed: wait this long for values before the first iteration
         self.failures = 0
+        self.max_buffered = max_buffered
         self.lock = threading.Lock()            # values fed by the hub
         self.latest: dict[PVUri, dict] = {}
         self.history: dict[PVUri, deque] = {pv: deque(maxlen=HISTORY) for pv in cmd.pvs}
         self.buffer: list[tuple[PVUri, dict]] = []
+        self.left_out = 0                       # timedbuffered: values of the open window beyond max_buffered
         self.window_open = False
-        self.cv = threading.Condition()         # requests and closing
+        self.cv = threading.Condition()         # ``requests`` and ``closing``: read and changed only under it
         self.requests: deque[Request] = deque()
         self.closing = False
         self.stopped = threading.Event()
         self.channels: list[Channel] = []
+        self.header: dict | None = None         # the open iteration's Header, until it goes out
         self.thread = threading.Thread(target=self._loop, name=f"k2eg-snap-{self.name}"[:60], daemon=True)
 
     # -- fed by the hub (EPICS callback threads)
@@ -343,7 +356,10 @@ class Repeating:
             self.latest[ch.pv] = tree
             self.history[ch.pv].append((stamp(tree), tree))
             if self.window_open:
-                self.buffer.append((ch.pv, tree))
+                if len(self.buffer) < self.max_buffered:
+                    self.buffer.append((ch.pv, tree))
+                else:
+                    self.left_out += 1
 
     def attach(self) -> None:
         for pv in self.cmd.pvs:
@@ -376,7 +392,7 @@ class Repeating:
     def submit(self, req: Request) -> None:
         with self.cv:
             if self.stopped.is_set():
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"no running snapshot named '{self.name}'")
+                raise NotRunning(f"no running snapshot named '{self.name}'")
             if len(self.requests) >= MAX_PENDING:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"snapshot '{self.name}' already has {MAX_PENDING} "
                                                            "requests waiting")
@@ -385,7 +401,8 @@ class Repeating:
 
     @property
     def stopping(self) -> bool:
-        return any(r.kind == "stop" for r in list(self.requests))
+        with self.cv:
+            return self._stop_pending()
 
     def close(self) -> None:
         """Gateway shutdown: end the thread soon, without a final iteration."""
@@ -393,9 +410,23 @@ class Repeating:
             self.closing = True
             self.cv.notify_all()
 
+    def _stop_pending(self) -> bool:
+        """Caller holds ``cv``."""
+        return any(r.kind == "stop" for r in self.requests)
+
     def _interrupt(self) -> bool:
-        """Whether an open window must close now (a stop on a scheduled snapshot, or shutdown)."""
-        return self.closing or (not self.cmd.triggered and any(r.kind == "stop" for r in self.requests))
+        """Whether an open window must close now (caller holds ``cv``): shutdown, a stop, or a trigger
+        of a scheduled snapshot (a triggered one serves its triggers one window each)."""
+        return (self.closing or self._stop_pending()
+                or not self.cmd.triggered and any(r.kind == "trigger" for r in self.requests))
+
+    def _take_triggers(self) -> list[Request]:
+        """Scheduled snapshot: the triggers queued ahead of any stop, served by the window closing now."""
+        with self.cv:
+            taken = []
+            while self.requests and self.requests[0].kind == "trigger":
+                taken.append(self.requests.popleft())
+            return taken
 
     def _sleep_until(self, when: float) -> bool:
         """Sleep until monotonic ``when``; False if interrupted first."""
@@ -411,7 +442,16 @@ class Repeating:
     def _emit(self, record: dict, value_key: str | None = None) -> None:
         self._publish(self.topic, self.name, record, value_key)
 
+    def _emit_header(self) -> None:
+        """The open iteration's Header, once: it goes out with the iteration's first Data (else its Tail),
+        as the C++ gateway's does, so a 0.3.0 client joining the topic after the start reply (from its
+        newest offset, on an empty topic from the start) still sees the first iteration whole."""
+        header, self.header = self.header, None
+        if header is not None:
+            self._emit(header)
+
     def _emit_data(self, pv: PVUri, tree: Any, ts: int, iteration: int) -> None:
+        self._emit_header()
         record = replies.snapshot_data(pv.name, filtered(tree, self.cmd.field_filter), ts, iteration)
         try:
             self._emit(record, pv.name)
@@ -427,19 +467,21 @@ class Repeating:
             self._emit_data(pv, tree, ts, iteration)
 
     # -- one iteration
-    def _iterate(self, tags: dict | None, start: float) -> float:
-        """Header, the window, Data, Tail; returns the monotonic time the window closed."""
+    def _iterate(self, tags: dict | None, start: float, served: list[Request]) -> float:
+        """Header, the window, Data, Tail; returns the monotonic time the window closed.
+
+        Triggers of a scheduled snapshot that close the window are appended to ``served``.
+        """
         self.iteration += 1
         it = self.iteration
-        header = replies.snapshot_header(self.name, now_ms() - int((time.monotonic() - start) * 1000), it)
+        self.header = replies.snapshot_header(self.name, now_ms() - int((time.monotonic() - start) * 1000), it)
         if tags:
-            header["tags"] = dict(tags)
+            self.header["tags"] = dict(tags)
         if self.timed:
             with self.lock:
                 if not self.window_open:       # back-to-back windows keep the values since the last close
-                    self.buffer = []
+                    self.buffer, self.left_out = [], 0
                     self.window_open = True
-        self._emit(header)
         end = start + self.cmd.time_window_msec / 1000
         push = self.cmd.sub_push_delay_msec / 1000 if self.timed else 0
         while True:
@@ -451,15 +493,26 @@ class Repeating:
             self._flush(now_ms(), it)
         closed = time.monotonic()
         instant = time.time()
+        extra: dict[str, Any] = {}
+        if not self.cmd.triggered:
+            served += self._take_triggers()
+            trigger_tags = {k: v for req in served for k, v in req.tags.items()}
+            if trigger_tags:
+                (self.header if self.header is not None else extra)["tags"] = trigger_tags
         if self.timed:
+            # Back to back unless a pause follows, the snapshot waits for triggers, or it is ending.
+            keep_open = self.cmd.repeat_delay_msec == 0 and not self.cmd.triggered and not self._ending()
             with self.lock:
                 items, self.buffer = self.buffer, []
-                # Back to back unless a pause follows, the snapshot waits for triggers, or it is ending.
-                self.window_open = (self.cmd.repeat_delay_msec == 0 and not self.cmd.triggered
-                                    and not self._interrupt())
+                left_out, self.left_out = self.left_out, 0
+                self.window_open = keep_open
             ts = now_ms()
             for pv, tree in items:
                 self._emit_data(pv, tree, ts, it)
+            if left_out:
+                extra["truncated"] = left_out
+                log.warning("snapshot %s iteration %d: %d values beyond the %d buffered were left out",
+                            self.name, it, left_out, self.max_buffered)
         else:
             with self.lock:
                 arrived = dict(self.latest)
@@ -472,14 +525,16 @@ class Repeating:
             for pv in self.cmd.pvs:
                 if pv in values:
                     self._emit_data(pv, values[pv], ts, it)
-        self._emit(replies.snapshot_tail(self.name, now_ms(), it))
+        self._emit_header()
+        self._emit(replies.snapshot_tail(self.name, now_ms(), it, **extra))
         self.published = it
         return closed
 
     def _guarded(self, req: Request | None, start: float) -> float:
         """Run one iteration; a failure is logged, published as an error Tail and answered, never fatal."""
+        served = [req] if req is not None else []
         try:
-            closed = self._iterate(req.tags if req else None, start)
+            closed = self._iterate(req.tags if req else None, start, served)
         except Exception as e:
             self.failures += 1
             log.exception("snapshot %s: iteration %d failed (%d in a row)", self.name, self.iteration, self.failures)
@@ -491,15 +546,15 @@ class Repeating:
                 log.exception("snapshot %s: cannot publish the error Tail", self.name)
             with self.lock:
                 self.window_open = False
-                self.buffer = []
-            if req is not None:
-                req.finish(None, message)
+                self.buffer, self.left_out = [], 0
+            for r in served:
+                r.finish(None, message)
             if self.failures < MAX_FAILURES:
                 self._sleep_until(time.monotonic() + 1.0)
             return time.monotonic()
         self.failures = 0
-        if req is not None:
-            req.finish(self.iteration)
+        for r in served:
+            r.finish(self.iteration)
         return closed
 
     # -- the thread
@@ -513,6 +568,10 @@ class Repeating:
                 return self.requests[0]          # left queued: _end answers every stop
             return self.requests.popleft()
 
+    def _ending(self) -> bool:
+        with self.cv:
+            return self.closing or self._stop_pending()
+
     def _loop(self) -> None:
         try:
             if self.warmup > 0:
@@ -525,7 +584,11 @@ class Repeating:
                     self._guarded(req, time.monotonic())
             else:
                 start = time.monotonic()
-                while self.failures < MAX_FAILURES and self._sleep_until(start):
+                while self.failures < MAX_FAILURES:
+                    if not self._sleep_until(start):
+                        if self._ending():
+                            break
+                        start = time.monotonic()   # a trigger in the pause: its window opens (and closes) now
                     closed = self._guarded(None, start)
                     # The next window is timed from this one's close, not from the end of publishing.
                     start = closed + self.cmd.repeat_delay_msec / 1000
@@ -562,7 +625,7 @@ class SnapshotManager:
     def __init__(self, hub: MonitorHub, reply: Callable, publish_record: Callable, read: Callable[[PVUri], dict],
                  ensure_topics: Callable[[list[str]], Any], connect_timeout: float | None = None,
                  max_repeating: int = 256, read_workers: int = 16, settle: float = SETTLE_S,
-                 state: StateStore | None = None):
+                 state: StateStore | None = None, max_buffered: int = MAX_BUFFERED):
         self.hub = hub
         self.reply = reply                  # (cmd, record, key) -> None
         self.publish_record = publish_record  # (topic, key, record, ser, value_key[, on_too_large, on_settled])
@@ -579,6 +642,7 @@ class SnapshotManager:
         self.iterations = 0
         self.on_iteration: Callable[[float], None] | None = None   # seconds from Header to Tail (metrics)
         self.state = state                  # where running snapshots are kept across restarts, if anywhere
+        self.max_buffered = max_buffered
 
     # -- one-shot
     def one_shot(self, cmd: C.Snapshot) -> None:
@@ -614,18 +678,19 @@ class SnapshotManager:
             log.exception("cannot record snapshot state")
 
     def _publisher(self, cmd: C.RepeatingSnapshot) -> Callable[[str, str, dict, str | None], None]:
-        began = time.monotonic()   # one snapshot publishes from its own thread: no lock needed
+        began: float | None = None   # one snapshot publishes from its own thread: no lock needed
 
         def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
             nonlocal began
             kind = record.get("message_type")
-            if kind == replies.HEADER:
-                began = time.monotonic()
+            if kind == replies.HEADER:   # it carries the window's opening time; it may go out later
+                began = record["timestamp"] / 1000
             self.publish_record(t, key, record, cmd.serialization, value_key)
             if kind == replies.TAIL:
                 self.iterations += 1
-                if self.on_iteration is not None:
-                    self.on_iteration(time.monotonic() - began)
+                if self.on_iteration is not None and began is not None:
+                    self.on_iteration(max(0.0, time.time() - began))
+                began = None
         return publish
 
     def start(self, cmd: C.RepeatingSnapshot) -> None:
@@ -644,7 +709,8 @@ class SnapshotManager:
             if len(self.running) >= self.max_repeating:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{len(self.running)} repeating snapshots are running, "
                                                            f"the most this gateway allows; stop one first")
-            snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle)
+            snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle,
+                             max_buffered=self.max_buffered)
             self.running[cmd.snapshot_name] = snap
         try:
             self.ensure_topics([topic])
@@ -670,7 +736,8 @@ class SnapshotManager:
             if cmd.snapshot_name in self.running:
                 return
             snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle,
-                             first_iteration=last_iteration, warmup=self.connect_timeout)
+                             first_iteration=last_iteration, warmup=self.connect_timeout,
+                             max_buffered=self.max_buffered)
             self.running[cmd.snapshot_name] = snap
         try:
             self.ensure_topics([snap.topic])
@@ -685,35 +752,32 @@ class SnapshotManager:
         with self.lock:
             snap = self.running.get(name)
         if snap is None or snap.stopped.is_set():
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"no running snapshot named '{name}'")
+            raise NotRunning(f"no running snapshot named '{name}'")
         return snap
 
-    def trigger(self, cmd: C.SnapshotTrigger) -> None:
-        snap = self._find(cmd.snapshot_name)
-        if not snap.cmd.triggered:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"snapshot '{cmd.snapshot_name}' is not a triggered snapshot: "
-                                                       "it runs on its own schedule")
-
+    def _answer(self, cmd: C.SnapshotTrigger | C.SnapshotStop, done: str) -> Callable[[int | None, str | None], None]:
+        """The reply to a trigger or stop, sent by the snapshot's thread once its iteration is out."""
         def answer(iteration: int | None, error: str | None) -> None:
             if error is not None:
                 self._reply(cmd, replies.error(cmd.reply_id, ErrorCode.EPICS_FAILED, error))
             else:
-                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} iteration {iteration} "
-                                                          "published", iter_index=iteration))
+                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} {done} {iteration}",
+                                            iter_index=iteration))
+        return answer
 
-        snap.submit(Request("trigger", answer, dict(cmd.tags)))
+    def trigger(self, cmd: C.SnapshotTrigger) -> None:
+        """Triggered snapshot: one window per trigger. Scheduled: the open window closes now and is published
+        as an extra iteration (in a repeat_delay pause, a window opens and closes now); the schedule goes on."""
+        self._find(cmd.snapshot_name).submit(Request("trigger", self._answer(cmd, "published iteration"),
+                                                     dict(cmd.tags)))
 
     def stop(self, cmd: C.SnapshotStop) -> None:
-        snap = self._find(cmd.snapshot_name)
-
-        def answer(iteration: int | None, error: str | None) -> None:
-            if error is not None:
-                self._reply(cmd, replies.error(cmd.reply_id, ErrorCode.EPICS_FAILED, error))
-            else:
-                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} stopped after iteration "
-                                                          f"{iteration}", iter_index=iteration))
-
-        snap.submit(Request("stop", answer))
+        """A snapshot that is not running is already stopped: error 0 (compat: scripts stop before they start)."""
+        try:
+            self._find(cmd.snapshot_name).submit(Request("stop", self._answer(cmd, "stopped after iteration")))
+        except NotRunning:
+            self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} is not running: "
+                                                      "already stopped"))
 
     def close(self) -> None:
         with self.lock:
