@@ -204,12 +204,11 @@ def test_gateway_refuses_bad_snapshot_commands_with_a_message(k):
         "negative push": C.RepeatingSnapshot(**envelope(k), snapshot_name=name("x"), pvs=good,
                                              sub_push_delay_msec=-1),
         "trigger unknown": C.SnapshotTrigger(**envelope(k), snapshot_name=name("never")),
-        "stop unknown": C.SnapshotStop(**envelope(k), snapshot_name=name("never")),
     }
     for what, cmd in cases.items():
         rec = raw(k, cmd)
         assert rec["error"] == -1 and rec.get("message"), what
-    assert "no running snapshot" in raw(k, cases["stop unknown"])["message"]
+    assert "no running snapshot" in raw(k, cases["trigger unknown"])["message"]
     # The client refuses what it can check itself.
     with pytest.raises(ValueError):
         k.snapshot_recurring(props("bad name", ["pva://variable:a"]), Calls())
@@ -248,8 +247,19 @@ def test_recurring_normal_and_stop_publishes_the_final_iteration(k, stack, proto
     assert len(calls.data) == n                               # nothing after the stop
     stream = read_topic(stack, rec["publishing_topic"], tail_of(final))
     assert stream[-1]["message_type"] == R.TAIL and stream[-1]["iter_index"] == final
-    with pytest.raises(OperationError):
-        k.snapshot_stop(snap_name, timeout=T)
+    again = k.snapshot_stop(snap_name, timeout=T)            # already stopped: no error (compat)
+    assert again["error"] == 0 and "already stopped" in again["message"]
+
+
+def test_stop_of_a_snapshot_never_started_answers_already_stopped(k):
+    """Scripts written for 0.3.0 stop a recurring snapshot before they start it."""
+    snap_name = name("never")
+    rec = k.snapshot_stop(snap_name, timeout=T)
+    assert rec["error"] == 0 and "already stopped" in rec["message"]
+    calls = Calls()
+    k.snapshot_recurring(props(snap_name, ["pva://variable:a"], time_window=100), calls, timeout=T)
+    assert calls.wait(1)[0]["iteration"] == 1
+    assert k.snapshot_stop(snap_name, timeout=T)["iter_index"] >= 1
 
 
 def test_stop_cuts_the_open_window_and_publishes_it(k):
@@ -371,13 +381,30 @@ def test_triggered_ten_times_in_a_row_ten_handler_calls(k, proto):
     assert k.snapshot_stop(snap_name, timeout=T)["iter_index"] == 11
 
 
-def test_trigger_of_a_scheduled_snapshot_is_refused(k):
+@pytest.mark.parametrize("kind", [SnapshotType.NORMAL, SnapshotType.TIMED_BUFFERED])
+def test_trigger_of_a_scheduled_snapshot_closes_its_window_now_and_the_schedule_goes_on(k, kind):
+    """The package page's example: triggered=False, then snapshost_trigger."""
     snap_name = name("sched")
-    k.snapshot_recurring(props(snap_name, ["pva://variable:a"], time_window=200), Calls(), timeout=T)
-    with pytest.raises(OperationError) as e:
-        k.snapshot_trigger(snap_name, timeout=T)
-    assert e.value.error == -1 and "not a triggered snapshot" in str(e.value)
-    k.snapshot_stop(snap_name, timeout=T)
+    calls = Calls()
+    uris = ["pva://channel:counter", "ca://variable:a"]
+    k.snapshot_recurring(props(snap_name, uris, time_window=60_000, triggered=False, type=kind,
+                               sub_push_delay_msec=200), calls, timeout=T)
+    time.sleep(0.5)
+    rec = k.snapshot_trigger(snap_name, timeout=T, tags={"why": "beam loss"})
+    assert rec["error"] == 0 and rec["iter_index"] == 1
+    [first] = calls.wait(1)
+    assert first["iteration"] == 1 and first["tags"] == {"why": "beam loss"} and "incomplete" not in first
+    assert first["channel:counter"]            # updates in the window (variable:a stands still: none when timed)
+    if kind == SnapshotType.NORMAL:
+        assert len(first["variable:a"]) == 1
+    time.sleep(0.5)
+    assert k.snapshost_trigger(snap_name, timeout=T)["iter_index"] == 2     # 0.3.0's spelling
+    second = calls.wait(2)[1]
+    assert second["iteration"] == 2 and second["channel:counter"]
+    if kind == SnapshotType.TIMED_BUFFERED:      # back-to-back windows: each update in exactly one iteration
+        values = [v["value"] for d in (first, second) for v in d["channel:counter"]]
+        assert values == [values[0] + i for i in range(len(values))]
+    assert k.snapshot_stop(snap_name, timeout=T)["iter_index"] == 3      # the schedule went on: window 3 was open
 
 
 # ----------------------------------------------------------------------------- second start

@@ -19,13 +19,23 @@ Repeating ``repeating_snapshot``
     from 1. A window of ``time_window_msec`` opens when the iteration starts;
     the next one starts ``repeat_delay_msec`` after the previous window
     closed (``triggered``: when a ``repeating_snapshot_trigger`` arrives).
-    A stop closes an open window at once, publishes it as the final
-    iteration and only then replies, with ``iter_index`` = that iteration.
+    A trigger of a scheduled snapshot closes the open window now (in a
+    ``repeat_delay_msec`` pause: opens one and closes it now) and answers
+    with that iteration; the schedule goes on from that close. A stop closes
+    an open window at once (a triggered snapshot's too), publishes it as the
+    final iteration and only then replies, with ``iter_index`` = that
+    iteration; a stop of a snapshot that is not running answers 0.
+
+    The Header goes out with the iteration's first Data record (else just
+    before its Tail), not when the window opens: a 0.3.0 client joins the
+    topic only after the start reply, so it would lose an early Header and
+    with it the whole iteration (the C++ gateway does the same).
 
     *timedbuffered*: every update that arrived while the window was open, in
     arrival order, pushed every ``sub_push_delay_msec`` (else at the close).
     With ``repeat_delay_msec == 0`` windows are back to back, so each update
-    lands in exactly one iteration.
+    lands in exactly one iteration. At most ``max_buffered`` values wait for
+    a push; later ones are left out and counted in the Tail's ``truncated``.
 
     *normal* -- the "same instant": an iteration is the state of its PVs at
     one instant ``T``, the moment its window closes, measured on the EPICS
