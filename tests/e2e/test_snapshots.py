@@ -434,3 +434,45 @@ def test_report_timings():
     """Not a check: prints what the bulk snapshots measured (pytest -s)."""
     for what, seconds in TIMINGS.items():
         print(f"{what}: {seconds * 1000:.3f} ms")
+
+
+# ----------------------------------------------------------------------------- timedbuffered bound
+
+@pytest.fixture(scope="module")
+def capped(stack, tmp_path_factory):
+    """A second gateway (own command topic, group and IOC, the session's broker) holding 5 values at most."""
+    from k2eg.stack.runner import Stack
+
+    from ..stacks import GATEWAY_ARGS
+
+    tag = uuid.uuid4().hex[:8]
+    s = Stack(tmp_path_factory.mktemp("capped"), kafka_bootstrap=stack.bootstrap,
+              gateway_args=[*GATEWAY_ARGS, "--snapshot-max-buffered", "5", "--sub-group-id", f"capped-{tag}"])
+    s.cmd_topic = f"k2eg-cmd-capped-{tag}"
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_timedbuffered_window_beyond_the_gateways_bound_says_how_many_values_it_left_out(capped, monkeypatch):
+    from k2eg.dml import dml
+
+    monkeypatch.setenv("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", str(capped.env_dir))
+    snap_name = name("capped")
+    calls = Calls()
+    with dml(capped.environment, f"capped-{uuid.uuid4().hex[:6]}") as kk:
+        kk.snapshot_recurring(props(snap_name, ["pva://channel:counter"], time_window=2000,
+                                    type=SnapshotType.TIMED_BUFFERED), calls, timeout=T)
+        got = calls.wait(2)
+        kk.snapshot_stop(snap_name, timeout=T)
+    first, second = got[0], got[1]
+    for d in (first, second):
+        values = [v["value"] for v in d["channel:counter"]]
+        assert values == [values[0] + i for i in range(5)]          # the window's first 5 updates, in order
+        assert d["truncated"] >= 5 and "incomplete" not in d          # 10 Hz for 2 s: far more than 5
+    # Back-to-back windows: the values left out are exactly those up to the next window's first.
+    assert second["channel:counter"][0]["value"] - first["channel:counter"][0]["value"] == 5 + first["truncated"]
+    tails = [r for r in read_topic(capped, snapshot_topic(snap_name), tail_of(1)) if r["message_type"] == R.TAIL]
+    assert tails[0]["truncated"] == first["truncated"] and tails[0]["error"] == 0
