@@ -688,19 +688,18 @@ class SnapshotManager:
             log.exception("cannot record snapshot state")
 
     def _publisher(self, cmd: C.RepeatingSnapshot) -> Callable[[str, str, dict, str | None], None]:
-        began: float | None = None   # one snapshot publishes from its own thread: no lock needed
+        began = time.time()   # one snapshot publishes from its own thread: no lock needed
 
         def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
             nonlocal began
             kind = record.get("message_type")
-            if kind == replies.HEADER:   # it carries the window's opening time; it may go out later
+            if kind == replies.HEADER:   # it carries the window's opening time, and may go out later
                 began = record["timestamp"] / 1000
             self.publish_record(t, key, record, cmd.serialization, value_key)
             if kind == replies.TAIL:
                 self.iterations += 1
-                if self.on_iteration is not None and began is not None:
+                if self.on_iteration is not None:
                     self.on_iteration(max(0.0, time.time() - began))
-                began = None
         return publish
 
     def start(self, cmd: C.RepeatingSnapshot) -> None:
