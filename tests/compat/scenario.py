@@ -257,7 +257,8 @@ try:
                     "trigger_error": trigger, "trigger_reply": result.get("error"),
                     "iter_index": result.get("iter_index"), "stop_reply": stop.get("error"),
                     "calls": len(calls) >= 1,
-                    "values": bool(calls) and all(len(calls[0].get(n, [])) == 1 for n in ("variable:a", "channel:counter")),
+                    "values": bool(calls) and all(len(calls[0].get(n, [])) == 1
+                                                  for n in ("variable:a", "channel:counter")),
                 }
 finally:
     k.close()
