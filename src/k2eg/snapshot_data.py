@@ -27,7 +27,7 @@ __all__ = ["rows", "to_dataframe", "to_wide", "to_numpy", "save_parquet", "Recor
 
 # Keys of handler data that are not PVs.
 META = frozenset({"error", "message", "reply_id", "iteration", "header_timestamp", "tail_timestamp", "timestamp",
-                  "incomplete", "tags", "message-size"})
+                  "incomplete", "tags", "truncated", "message-size"})
 
 
 def _need(module: str, what: str):

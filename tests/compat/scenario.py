@@ -200,6 +200,66 @@ try:
                 s = iterations_summary(calls, nm, snapshot_topic(nm), [u.split("://", 1)[1] for u in uris])
                 s.update(untriggered=untriggered, after_five=len(calls) - before)
             out["snap_triggered"] = s
+        elif step == "snap_stop_first":
+            # Scripts written for 0.3.0 stop a recurring snapshot before they start it.
+            nm = f"Compat_StopFirst_{app}_{int(time.time() * 1000) % 10**8}"
+            before = error_of(lambda: k.snapshot_stop(nm, T))
+            reply, calls = recurring(nm, ["pva://variable:a"], lambda c: len(c) >= 1, time_window=200)
+            out["snap_stop_first"] = {"stop_before_start": before, "started": reply.get("error"),
+                                      "iterations": len(calls) >= 1}
+        elif step == "snap_first_iteration":
+            # A long timedbuffered window with pushes: is the first iteration seen, and how soon?
+            from k2eg.broker import SnapshotProperties, SnapshotType
+
+            nm = f"Compat_First_{app}_{int(time.time() * 1000) % 10**8}"
+            calls, lock, done = [], threading.Lock(), threading.Event()
+
+            def on_iteration(first, data):
+                with lock:
+                    calls.append(data)
+                done.set()
+            t0 = time.monotonic()
+            k.snapshot_recurring(SnapshotProperties(snapshot_name=nm, pv_uri_list=["pva://channel:counter"],
+                                                    time_window=5000, sub_push_delay_msec=1000,
+                                                    type=SnapshotType.TIMED_BUFFERED), on_iteration, T)
+            done.wait(T)
+            seconds = time.monotonic() - t0
+            k.snapshot_stop(nm, T)
+            with lock:
+                first = calls[0] if calls else {}
+            out["snap_first_iteration"] = {"iteration": first.get("iteration"), "seconds": round(seconds, 1),
+                                           "values": len(first.get("channel:counter", []))}
+        elif step == "snap_package_example":
+            # The package page's own example: a scheduled snapshot (triggered=False), then a trigger.
+            from k2eg.broker import SnapshotProperties
+
+            nm = f"Compat_Example_{app}_{int(time.time() * 1000) % 10**8}"
+            calls, lock = [], threading.Lock()
+
+            def snapshot_handler(first, data):
+                with lock:
+                    calls.append(data)
+            properties = SnapshotProperties(snapshot_name=nm, pv_uri_list=["pva://variable:a", "ca://channel:counter"],
+                                            time_window=30_000, triggered=False)
+            k.snapshot_recurring(properties, snapshot_handler, timeout=5.0)
+            replies = []
+            trigger = error_of(lambda: replies.append(k.snapshost_trigger(nm, timeout=5.0)))
+            # 0.3.0 reads the stream only once its consumer joined: trigger again until a call arrives.
+            deadline = time.monotonic() + T
+            while trigger is None and not calls and time.monotonic() < deadline:
+                time.sleep(1)
+                if not calls:
+                    replies.append(k.snapshost_trigger(nm, timeout=5.0))
+            result = replies[0] if replies else {}
+            stop = k.snapshot_stop(nm, timeout=5.0)
+            with lock:
+                out["snap_package_example"] = {
+                    "trigger_error": trigger, "trigger_reply": result.get("error"),
+                    "iter_index": result.get("iter_index"), "stop_reply": stop.get("error"),
+                    "calls": len(calls) >= 1,
+                    "values": bool(calls) and all(len(calls[0].get(n, [])) == 1
+                                                  for n in ("variable:a", "channel:counter")),
+                }
 finally:
     k.close()
 print(json.dumps(out))

@@ -204,12 +204,11 @@ def test_gateway_refuses_bad_snapshot_commands_with_a_message(k):
         "negative push": C.RepeatingSnapshot(**envelope(k), snapshot_name=name("x"), pvs=good,
                                              sub_push_delay_msec=-1),
         "trigger unknown": C.SnapshotTrigger(**envelope(k), snapshot_name=name("never")),
-        "stop unknown": C.SnapshotStop(**envelope(k), snapshot_name=name("never")),
     }
     for what, cmd in cases.items():
         rec = raw(k, cmd)
         assert rec["error"] == -1 and rec.get("message"), what
-    assert "no running snapshot" in raw(k, cases["stop unknown"])["message"]
+    assert "no running snapshot" in raw(k, cases["trigger unknown"])["message"]
     # The client refuses what it can check itself.
     with pytest.raises(ValueError):
         k.snapshot_recurring(props("bad name", ["pva://variable:a"]), Calls())
@@ -248,8 +247,19 @@ def test_recurring_normal_and_stop_publishes_the_final_iteration(k, stack, proto
     assert len(calls.data) == n                               # nothing after the stop
     stream = read_topic(stack, rec["publishing_topic"], tail_of(final))
     assert stream[-1]["message_type"] == R.TAIL and stream[-1]["iter_index"] == final
-    with pytest.raises(OperationError):
-        k.snapshot_stop(snap_name, timeout=T)
+    again = k.snapshot_stop(snap_name, timeout=T)            # already stopped: no error (compat)
+    assert again["error"] == 0 and "already stopped" in again["message"]
+
+
+def test_stop_of_a_snapshot_never_started_answers_already_stopped(k):
+    """Scripts written for 0.3.0 stop a recurring snapshot before they start it."""
+    snap_name = name("never")
+    rec = k.snapshot_stop(snap_name, timeout=T)
+    assert rec["error"] == 0 and "already stopped" in rec["message"]
+    calls = Calls()
+    k.snapshot_recurring(props(snap_name, ["pva://variable:a"], time_window=100), calls, timeout=T)
+    assert calls.wait(1)[0]["iteration"] == 1
+    assert k.snapshot_stop(snap_name, timeout=T)["iter_index"] >= 1
 
 
 def test_stop_cuts_the_open_window_and_publishes_it(k):
@@ -371,13 +381,30 @@ def test_triggered_ten_times_in_a_row_ten_handler_calls(k, proto):
     assert k.snapshot_stop(snap_name, timeout=T)["iter_index"] == 11
 
 
-def test_trigger_of_a_scheduled_snapshot_is_refused(k):
+@pytest.mark.parametrize("kind", [SnapshotType.NORMAL, SnapshotType.TIMED_BUFFERED])
+def test_trigger_of_a_scheduled_snapshot_closes_its_window_now_and_the_schedule_goes_on(k, kind):
+    """The package page's example: triggered=False, then snapshost_trigger."""
     snap_name = name("sched")
-    k.snapshot_recurring(props(snap_name, ["pva://variable:a"], time_window=200), Calls(), timeout=T)
-    with pytest.raises(OperationError) as e:
-        k.snapshot_trigger(snap_name, timeout=T)
-    assert e.value.error == -1 and "not a triggered snapshot" in str(e.value)
-    k.snapshot_stop(snap_name, timeout=T)
+    calls = Calls()
+    uris = ["pva://channel:counter", "ca://variable:a"]
+    k.snapshot_recurring(props(snap_name, uris, time_window=60_000, triggered=False, type=kind,
+                               sub_push_delay_msec=200), calls, timeout=T)
+    time.sleep(0.5)
+    rec = k.snapshot_trigger(snap_name, timeout=T, tags={"why": "beam loss"})
+    assert rec["error"] == 0 and rec["iter_index"] == 1
+    [first] = calls.wait(1)
+    assert first["iteration"] == 1 and first["tags"] == {"why": "beam loss"} and "incomplete" not in first
+    assert first["channel:counter"]            # updates in the window (variable:a stands still: none when timed)
+    if kind == SnapshotType.NORMAL:
+        assert len(first["variable:a"]) == 1
+    time.sleep(0.5)
+    assert k.snapshost_trigger(snap_name, timeout=T)["iter_index"] == 2     # 0.3.0's spelling
+    second = calls.wait(2)[1]
+    assert second["iteration"] == 2 and second["channel:counter"]
+    if kind == SnapshotType.TIMED_BUFFERED:      # back-to-back windows: each update in exactly one iteration
+        values = [v["value"] for d in (first, second) for v in d["channel:counter"]]
+        assert values == [values[0] + i for i in range(len(values))]
+    assert k.snapshot_stop(snap_name, timeout=T)["iter_index"] == 3      # the schedule went on: window 3 was open
 
 
 # ----------------------------------------------------------------------------- second start
@@ -407,3 +434,45 @@ def test_report_timings():
     """Not a check: prints what the bulk snapshots measured (pytest -s)."""
     for what, seconds in TIMINGS.items():
         print(f"{what}: {seconds * 1000:.3f} ms")
+
+
+# ----------------------------------------------------------------------------- timedbuffered bound
+
+@pytest.fixture(scope="module")
+def capped(stack, tmp_path_factory):
+    """A second gateway (own command topic, group and IOC, the session's broker) holding 5 values at most."""
+    from k2eg.stack.runner import Stack
+
+    from ..stacks import GATEWAY_ARGS
+
+    tag = uuid.uuid4().hex[:8]
+    s = Stack(tmp_path_factory.mktemp("capped"), kafka_bootstrap=stack.bootstrap,
+              gateway_args=[*GATEWAY_ARGS, "--snapshot-max-buffered", "5", "--sub-group-id", f"capped-{tag}"])
+    s.cmd_topic = f"k2eg-cmd-capped-{tag}"
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_timedbuffered_window_beyond_the_gateways_bound_says_how_many_values_it_left_out(capped, monkeypatch):
+    from k2eg.dml import dml
+
+    monkeypatch.setenv("K2EG_PYTHON_CONFIGURATION_PATH_FOLDER", str(capped.env_dir))
+    snap_name = name("capped")
+    calls = Calls()
+    with dml(capped.environment, f"capped-{uuid.uuid4().hex[:6]}") as kk:
+        kk.snapshot_recurring(props(snap_name, ["pva://channel:counter"], time_window=2000,
+                                    type=SnapshotType.TIMED_BUFFERED), calls, timeout=T)
+        got = calls.wait(2)
+        kk.snapshot_stop(snap_name, timeout=T)
+    first, second = got[0], got[1]
+    for d in (first, second):
+        values = [v["value"] for v in d["channel:counter"]]
+        assert values == [values[0] + i for i in range(5)]          # the window's first 5 updates, in order
+        assert d["truncated"] >= 5 and "incomplete" not in d          # 10 Hz for 2 s: far more than 5
+    # Back-to-back windows: the values left out are exactly those up to the next window's first.
+    assert second["channel:counter"][0]["value"] - first["channel:counter"][0]["value"] == 5 + first["truncated"]
+    tails = [r for r in read_topic(capped, snapshot_topic(snap_name), tail_of(1)) if r["message_type"] == R.TAIL]
+    assert tails[0]["truncated"] == first["truncated"] and tails[0]["error"] == 0

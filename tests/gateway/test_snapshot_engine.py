@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import pytest
 
@@ -241,14 +242,18 @@ def test_normal_iterations_numbered_from_one_and_stop_publishes_final_then_repli
     for n, kinds in its.items():
         assert kinds == [R.HEADER, R.DATA, R.DATA, R.TAIL], (n, kinds)
     assert "n1" not in rig.mgr.running
-    with pytest.raises(ProtocolError):
-        rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop2", snapshot_name="n1"))
+    # Stopping it again (or a snapshot never started) is no error: it is already stopped (compat).
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop2", snapshot_name="n1"))
+    again = rig.reply_to("stop2")
+    assert again["error"] == 0 and "already stopped" in again["message"] and "iter_index" not in again
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop3", snapshot_name="never_started"))
+    assert rig.reply_to("stop3")["error"] == 0
 
 
 def test_stop_cuts_a_long_window_short():
     rig = Rig()
     rig.mgr.start(repeating("long", "pva://a", time_window_msec=60_000))
-    rig.wait(lambda: rig.stream("long"))
+    rig.wait(lambda: rig.mgr.running["long"].iteration == 1)     # its window is open
     t0 = time.monotonic()
     rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="long"))
     assert rig.reply_to("stop")["iter_index"] == 1
@@ -267,7 +272,7 @@ def test_second_start_replies_with_the_publishing_topic_and_keeps_the_first():
     rig.mgr.close()
 
 
-def test_triggered_ten_triggers_ten_iterations_with_tags_and_non_triggered_refuses_triggers():
+def test_triggered_ten_triggers_ten_iterations_with_tags():
     rig = Rig()
     rig.mgr.start(repeating("trig", "pva://a", triggered=True, time_window_msec=5))
     rig.prov.emit("a", tree(1))
@@ -279,9 +284,6 @@ def test_triggered_ten_triggers_ten_iterations_with_tags_and_non_triggered_refus
     assert [a["iter_index"] for a in answers] == list(range(1, 11))
     headers = [r for r in rig.stream("trig") if r["message_type"] == R.HEADER]
     assert [h["tags"] for h in headers] == [{"n": str(i)} for i in range(10)]
-    rig.mgr.start(repeating("sched", "pva://a"))
-    with pytest.raises(ProtocolError, match="not a triggered snapshot"):
-        rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="x", snapshot_name="sched"))
     rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="trig"))
     assert rig.reply_to("stop")["iter_index"] == 10
     rig.mgr.close()
@@ -351,3 +353,206 @@ def test_a_snapshot_that_keeps_failing_gives_up_and_answers_pending_requests():
         S.MAX_FAILURES = old
     assert all(a["error"] == ErrorCode.EPICS_FAILED and a["message"] for a in answers)
     rig.wait(lambda: "broken" not in rig.mgr.running)
+
+
+def test_one_shot_never_makes_the_epics_callback_thread_wait_for_kafka():
+    """A tap runs on the provider's callback thread; while Kafka takes its time, that thread goes on."""
+    rig = Rig()
+    kafka_free = threading.Event()
+    original = rig._publish
+
+    def lagging(*args, **kw):
+        assert kafka_free.wait(30), "never released"
+        original(*args, **kw)
+    rig.mgr.publish_record = lagging
+    cmd = C.Snapshot(reply_topic="r", reply_id="lag", pvs=pvs("pva://a", "pva://b"), time_window_msec=10_000)
+    worker = threading.Thread(target=rig.mgr.one_shot, args=(cmd,))
+    worker.start()
+    rig.wait(lambda: "a" in rig.prov.callbacks and "b" in rig.prov.callbacks)
+    callback = threading.Thread(target=lambda: (rig.prov.emit("a", tree(1)), rig.prov.emit("b", tree(2))))
+    callback.start()
+    callback.join(10)
+    blocked = callback.is_alive()
+    kafka_free.set()
+    worker.join(10)
+    assert not blocked, "the EPICS callback thread waited for Kafka"
+    recs = [r for _, _, r in rig.records]
+    assert [r["error"] for r in recs] == [0, 0, 1] and rig.prov.gets == []
+
+
+# ----------------------------------------------------------------------------- requests, stops, triggers
+
+class LockedOnly(deque):
+    """A snapshot's request queue that notes every use made without the snapshot's lock held."""
+
+    def __init__(self, cv, misuse: list):
+        super().__init__()
+        self.cv, self.misuse = cv, misuse
+
+    def _check(self, what):
+        if not self.cv._is_owned():
+            self.misuse.append(f"{what} on {threading.current_thread().name}")
+
+    def __iter__(self):
+        self._check("iteration")
+        return super().__iter__()
+
+    def __len__(self):
+        self._check("len")
+        return super().__len__()
+
+    def __getitem__(self, i):
+        self._check("index")
+        return super().__getitem__(i)
+
+    def append(self, x):
+        self._check("append")
+        super().append(x)
+
+    def popleft(self):
+        self._check("popleft")
+        return super().popleft()
+
+
+def test_requests_are_read_and_changed_only_under_the_snapshot_lock():
+    """Command workers append while the snapshot's thread walks the queue: every use holds the lock."""
+    rig = Rig()
+    misuse: list[str] = []
+    rig.mgr.start(repeating("locked", "pva://a", kind=C.SnapshotKind.TIMED_BUFFERED, time_window_msec=20))
+    snap = rig.mgr.running["locked"]
+    with snap.cv:
+        snap.requests = LockedOnly(snap.cv, misuse)
+    rig.prov.emit("a", tree(1))
+    rig.wait(lambda: sum(1 for r in rig.stream("locked") if r["message_type"] == R.TAIL) >= 3)
+    assert snap.stopping is False
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="locked"))
+    assert rig.reply_to("stop")["error"] == 0
+    assert misuse == []
+
+
+@pytest.mark.parametrize("kind", list(C.SnapshotKind))
+def test_a_stop_closes_a_triggered_snapshots_open_window_at_once(kind):
+    rig = Rig()
+    rig.mgr.start(repeating("trig_long", "pva://a", triggered=True, kind=kind, time_window_msec=120_000))
+    rig.prov.emit("a", tree(1))
+    rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="t1", snapshot_name="trig_long"))
+    rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="t2", snapshot_name="trig_long"))
+    rig.wait(lambda: rig.mgr.running["trig_long"].iteration == 1)      # the first trigger's window is open
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="trig_long"))
+    # Both triggers queued ahead of the stop are served, their windows cut short; then the stop.
+    assert rig.reply_to("stop", timeout=20)["iter_index"] == 2
+    assert [rig.reply_to(t)["iter_index"] for t in ("t1", "t2")] == [1, 2]
+    # Started again at once: the start does not wait for a window to end.
+    rig.mgr.start(repeating("trig_long", "pva://a", triggered=True))
+    assert rig.reply_to("start-trig_long")["error"] == 0
+    rig.mgr.close()
+
+
+def test_a_trigger_of_a_scheduled_snapshot_closes_its_window_now_and_the_schedule_goes_on():
+    rig = Rig()
+    rig.mgr.start(repeating("sched", "pva://a", time_window_msec=120_000))
+    rig.prov.emit("a", tree(1))
+    snap = rig.mgr.running["sched"]
+    rig.wait(lambda: snap.iteration == 1)
+    rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="t1", snapshot_name="sched", tags={"why": "now"}))
+    first = rig.reply_to("t1", timeout=20)
+    assert first["error"] == 0 and first["iter_index"] == 1
+    rig.wait(lambda: snap.iteration == 2)                            # the next window opened at once
+    rig.prov.emit("a", tree(2))
+    rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="t2", snapshot_name="sched"))
+    assert rig.reply_to("t2", timeout=20)["iter_index"] == 2
+    rig.wait(lambda: snap.iteration == 3)
+    assert snap.thread.is_alive()
+    its = iterations(rig.stream("sched"))
+    assert its == {1: [R.HEADER, R.DATA, R.TAIL], 2: [R.HEADER, R.DATA, R.TAIL]}
+    header1 = next(r for r in rig.stream("sched") if r["message_type"] == R.HEADER)
+    assert header1["tags"] == {"why": "now"}
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="sched"))
+    assert rig.reply_to("stop", timeout=20)["iter_index"] == 3
+
+
+def test_a_trigger_in_the_pause_of_a_scheduled_snapshot_takes_the_state_now():
+    rig = Rig()
+    rig.mgr.start(repeating("paused", "pva://a", time_window_msec=10, repeat_delay_msec=120_000))
+    rig.prov.emit("a", tree(1))
+    rig.wait(lambda: any(r["message_type"] == R.TAIL for r in rig.stream("paused")))
+    rig.prov.emit("a", tree(2))
+    rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="t", snapshot_name="paused"))
+    assert rig.reply_to("t", timeout=20)["iter_index"] == 2
+    data = [r["a"]["value"] for r in rig.stream("paused") if r["message_type"] == R.DATA and r["iter_index"] == 2]
+    assert data == [2]
+    rig.mgr.close()
+
+
+def test_a_trigger_of_a_snapshot_that_is_not_running_is_an_error():
+    rig = Rig()
+    with pytest.raises(ProtocolError, match="no running snapshot"):
+        rig.mgr.trigger(C.SnapshotTrigger(reply_topic="r", reply_id="x", snapshot_name="nothing"))
+
+
+# ----------------------------------------------------------------------------- when the Header goes out
+
+def test_normal_header_goes_out_with_the_data_at_the_windows_end():
+    rig = Rig()
+    rig.mgr.start(repeating("late_h", "pva://a", time_window_msec=120_000))
+    rig.prov.emit("a", tree(1))
+    rig.wait(lambda: rig.mgr.running["late_h"].iteration == 1)
+    time.sleep(0.3)
+    assert rig.stream("late_h") == []              # the window is open: nothing published yet
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="late_h"))
+    rig.reply_to("stop", timeout=20)
+    assert [r["message_type"] for r in rig.stream("late_h")] == [R.HEADER, R.DATA, R.TAIL]
+
+
+def test_timedbuffered_header_goes_out_with_the_first_push_that_carries_data():
+    rig = Rig()
+    rig.mgr.start(repeating("late_tb", "pva://a", kind=C.SnapshotKind.TIMED_BUFFERED, time_window_msec=120_000,
+                            sub_push_delay_msec=20))
+    snap = rig.mgr.running["late_tb"]
+    rig.wait(lambda: snap.iteration == 1)
+    time.sleep(0.2)                                # several empty pushes
+    assert rig.stream("late_tb") == []
+    opened = snap.header["timestamp"]
+    rig.prov.emit("a", tree(1))
+    rig.wait(lambda: len(rig.stream("late_tb")) >= 2)
+    header, data = rig.stream("late_tb")[:2]
+    assert header["message_type"] == R.HEADER and header["timestamp"] == opened   # the window's opening time
+    assert data["message_type"] == R.DATA and data["a"]["value"] == 1
+    rig.mgr.close()
+
+
+# ----------------------------------------------------------------------------- timedbuffered bound
+
+def test_timedbuffered_window_beyond_its_bound_is_truncated_and_says_how_much_was_left_out():
+    rig = Rig()
+    rig.mgr.max_buffered = 5
+    rig.mgr.start(repeating("capped", "pva://a", "pva://b", kind=C.SnapshotKind.TIMED_BUFFERED,
+                            time_window_msec=120_000))
+    rig.wait(lambda: rig.mgr.running["capped"].iteration == 1)
+    for i in range(12):
+        rig.prov.emit("a" if i % 2 else "b", tree(i))
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="capped"))
+    rig.reply_to("stop", timeout=20)
+    stream = rig.stream("capped")
+    data = [r.get("a", r.get("b"))["value"] for r in stream if r["message_type"] == R.DATA]
+    assert data == [0, 1, 2, 3, 4]                 # the first values of the window, in order
+    assert stream[-1]["message_type"] == R.TAIL and stream[-1]["truncated"] == 7 and stream[-1]["error"] == 0
+
+
+def test_timedbuffered_bound_applies_between_pushes_and_a_full_window_says_nothing():
+    rig = Rig()
+    rig.mgr.max_buffered = 3
+    rig.mgr.start(repeating("pushed", "pva://a", kind=C.SnapshotKind.TIMED_BUFFERED, time_window_msec=120_000,
+                            sub_push_delay_msec=10))
+    snap = rig.mgr.running["pushed"]
+    rig.wait(lambda: snap.iteration == 1)
+    for i in range(6):                             # two values per push: never more than the bound waits
+        rig.prov.emit("a", tree(i))
+        if i % 2:
+            n = (i + 1) // 2
+            rig.wait(lambda: sum(1 for r in rig.stream("pushed") if r["message_type"] == R.DATA) >= 2 * n)
+    rig.mgr.stop(C.SnapshotStop(reply_topic="r", reply_id="stop", snapshot_name="pushed"))
+    rig.reply_to("stop", timeout=20)
+    stream = rig.stream("pushed")
+    assert [r["a"]["value"] for r in stream if r["message_type"] == R.DATA] == list(range(6))
+    assert "truncated" not in stream[-1]

@@ -119,3 +119,14 @@ def test_unreadable_record_is_recognised():
     from k2eg.gateway.snapshots import unreadable
     assert is_unreadable(unreadable("PV 'x' did not connect within 2 s"))
     assert not is_unreadable({"value": 1, "alarm": {"severity": 3}}) and not is_unreadable(3)
+
+
+def test_tags_on_the_tail_of_a_scheduled_window_a_trigger_closed_reach_the_handler():
+    out, _ = run([H(1), D("a", 1, 1), T(1, tags={"shot": "7"})])
+    assert out[0]["tags"] == {"shot": "7"} and "incomplete" not in out[0]
+
+
+def test_a_truncated_window_says_how_many_values_were_left_out():
+    out, _ = run([H(1), D("a", 1, 1), T(1, truncated=12), H(2), T(2), H(3), T(3, truncated="x")])
+    assert out[0]["truncated"] == 12 and out[0]["a"] == [1] and "incomplete" not in out[0]
+    assert "truncated" not in out[1] and "truncated" not in out[2]

@@ -124,6 +124,9 @@ SPECS: tuple[Spec, ...] = (
                                                "<cmd-input-topic>-gateway-journal (ext)"),
     Spec("access-rules", default="", help="put access rules file (ext)"),
     Spec("read-only", _bool, False, "refuse every put (ext)"),
+    Spec("snapshot-max-buffered", _positive(int), 50_000,
+         "values a timedbuffered snapshot holds until its next push; beyond, the iteration's Tail "
+         "counts those left out in 'truncated' (ext)"),
 )
 
 # Options of the C++ gateway's own internals (its ProgramOptions.h, plus spellings of

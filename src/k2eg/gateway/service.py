@@ -109,7 +109,7 @@ class Gateway:
         self.destinations = Destinations()      # monitor destination topics, for expiry
         self.expiry: ExpiryChecker | None = None
         self.snapshots = SnapshotManager(self.hub, self.reply, self.io.publish, self.read, self.io.ensure_topics,
-                                         state=state)
+                                         state=state, max_buffered=opts.snapshot_max_buffered)
         self.handlers: dict[type, Callable[[Any], None]] = {
             C.Put: self.on_put, C.Info: self.on_info,  # gets: _get_together; a put also gets its position
             C.Monitor: self.on_monitor, C.MultiMonitor: self.on_multi_monitor,

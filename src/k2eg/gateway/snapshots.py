@@ -19,13 +19,23 @@ Repeating ``repeating_snapshot``
     from 1. A window of ``time_window_msec`` opens when the iteration starts;
     the next one starts ``repeat_delay_msec`` after the previous window
     closed (``triggered``: when a ``repeating_snapshot_trigger`` arrives).
-    A stop closes an open window at once, publishes it as the final
-    iteration and only then replies, with ``iter_index`` = that iteration.
+    A trigger of a scheduled snapshot closes the open window now (in a
+    ``repeat_delay_msec`` pause: opens one and closes it now) and answers
+    with that iteration; the schedule goes on from that close. A stop closes
+    an open window at once (a triggered snapshot's too), publishes it as the
+    final iteration and only then replies, with ``iter_index`` = that
+    iteration; a stop of a snapshot that is not running answers 0.
+
+    The Header goes out with the iteration's first Data record (else just
+    before its Tail), not when the window opens: a 0.3.0 client joins the
+    topic only after the start reply, so it would lose an early Header and
+    with it the whole iteration (the C++ gateway does the same).
 
     *timedbuffered*: every update that arrived while the window was open, in
     arrival order, pushed every ``sub_push_delay_msec`` (else at the close).
     With ``repeat_delay_msec == 0`` windows are back to back, so each update
-    lands in exactly one iteration.
+    lands in exactly one iteration. At most ``max_buffered`` values wait for
+    a push; later ones are left out and counted in the Tail's ``truncated``.
 
     *normal* -- the "same instant": an iteration is the state of its PVs at
     one instant ``T``, the moment its window closes, measured on the EPICS
@@ -67,6 +77,7 @@ from k2eg.protocol.uri import PVUri, snapshot_topic
 
 from .kafka import too_large
 from .monitors import Channel, MonitorHub
+from .options import SPECS
 from .state import SnapshotState, StateStore, snapshot_key
 
 log = logging.getLogger("k2eg.gateway.snapshots")
@@ -78,6 +89,8 @@ HISTORY = 16            # values kept per PV to choose from
 MAX_FAILURES = 5        # consecutive failed iterations before a snapshot gives up
 MAX_PENDING = 1000      # queued triggers/stops per snapshot
 DELIVERY_WAIT_S = 5.0  # a one-shot snapshot's completion waits this long at most for Kafka's verdicts
+# timedbuffered: values held until the next push; the default of --snapshot-max-buffered
+MAX_BUFFERED: int = next(s.default for s in SPECS if s.name == "snapshot-max-buffered")
 COMM_ALARM = 9          # alarm status of a PV the gateway could not talk to (as for a lost connection)
 
 
@@ -147,6 +160,10 @@ def coherent(history: Mapping[Hashable, Sequence[tuple[float | None, Any]]], arr
 class OneShot:
     """Publishes each PV's first value, reads the silent ones at the window's end, then completes.
 
+    Values are handed to the thread that runs the snapshot (a command worker), which alone
+    publishes: a tap runs on an EPICS callback thread, and a publish may wait for Kafka
+    (up to ``REPLY_BLOCK_S``) -- every monitor of that provider would wait with it.
+
     A record the broker refuses for its size is replaced by an error record for its PV
     before completion, so the caller still learns about every PV it asked for; that is
     why completion waits for Kafka's delivery reports.
@@ -156,12 +173,13 @@ class OneShot:
                  read: Callable[[PVUri], dict], pool: ThreadPoolExecutor | None = None, read_timeout: float = 5.0):
         self.cmd, self.hub, self.publish, self.read, self.pool = cmd, hub, publish, read, pool
         self.read_timeout = read_timeout
-        self.sent: set[PVUri] = set()
+        # Guards ``taken``, ``arrived`` and ``closed``; never held while publishing.
+        self.cond = threading.Condition()
+        self.taken: set[PVUri] = set()           # PVs whose record is published or waiting in ``arrived``
+        self.arrived: dict[PVUri, Any] = {}      # first values not yet published
         self.closed = False
-        self.lock = threading.Lock()
-        self.all_sent = threading.Event()
-        # Delivery reports come on the producer's poll thread, which must never wait for self.lock
-        # (held while publishing, which may wait for that thread to free queue space).
+        # Delivery reports come on the producer's poll thread, which must never wait for
+        # the publishing thread (that one may wait for the poll thread to free queue space).
         self.reports = threading.Condition()
         self.unsettled = 0
         self.refused: dict[PVUri, str] = {}
@@ -186,18 +204,39 @@ class OneShot:
             self.reports.notify_all()
 
     def _offer(self, pv: PVUri, tree: Any) -> None:
-        """Publish ``pv``'s record unless it already has one. Under the lock, so completion comes last."""
-        with self.lock:
-            if self.closed or pv in self.sent:
+        """Hand ``pv``'s value to the publishing thread unless it already has one. Never waits for Kafka."""
+        with self.cond:
+            if self.closed or pv in self.taken:
                 return
-            self.sent.add(pv)
+            self.taken.add(pv)
+            self.arrived[pv] = tree
+            self.cond.notify_all()
+
+    def _publish_arrived(self) -> None:
+        with self.cond:
+            batch, self.arrived = self.arrived, {}
+        for pv, tree in batch.items():
             try:
                 self._send(pv, tree)
             except Exception as e:  # a value we cannot encode still gets its record
                 log.exception("snapshot %s: cannot publish the value of %s", self.cmd.reply_id, pv)
                 self._send(pv, unreadable(f"cannot encode the value: {type(e).__name__}: {e}"))
-            if len(self.sent) == len(self.cmd.pvs):
-                self.all_sent.set()
+
+    def _publish_until(self, deadline: float) -> None:
+        """Publish values as they are handed over, until every PV has its record or ``deadline`` (monotonic)."""
+        while True:
+            self._publish_arrived()
+            with self.cond:
+                if self.arrived:
+                    continue
+                left = deadline - time.monotonic()
+                if len(self.taken) == len(self.cmd.pvs) or left <= 0:
+                    return
+                self.cond.wait(left)
+
+    def _silent(self) -> list[PVUri]:
+        with self.cond:
+            return [pv for pv in self.cmd.pvs if pv not in self.taken]
 
     def _replace_refused(self) -> None:
         """Kafka's verdicts on the records sent; each one refused for its size becomes an error record."""
@@ -213,8 +252,8 @@ class OneShot:
         self._offer(ch.pv, tree)
 
     def _read(self, pv: PVUri) -> None:
-        with self.lock:
-            if pv in self.sent or self.closed:
+        with self.cond:
+            if pv in self.taken or self.closed:
                 return
         try:
             tree = self.read(pv)
@@ -233,9 +272,8 @@ class OneShot:
                 last = ch.last
                 if last is not None:       # a running subscription already knows the current value
                     self._offer(pv, last)
-            self.all_sent.wait(max(0.0, deadline - time.monotonic()))
-            with self.lock:
-                silent = [pv for pv in self.cmd.pvs if pv not in self.sent]
+            self._publish_until(deadline)
+            silent = self._silent()
             if silent and self.pool is None:
                 for pv in silent:
                     self._read(pv)
@@ -243,25 +281,31 @@ class OneShot:
                 # Gets run in parallel while monitors keep delivering: whichever answers first is taken.
                 # One deadline for all, so many unreachable PVs cost one connection timeout, not one each.
                 futures = [self.pool.submit(self._read, pv) for pv in silent]
-                self.all_sent.wait(self.read_timeout + 0.5)
+                self._publish_until(time.monotonic() + self.read_timeout + 0.5)
                 for f in futures:
                     f.cancel()
-                with self.lock:
-                    late = [pv for pv in silent if pv not in self.sent]
-                for pv in late:
-                    self._offer(pv, unreadable(f"PV '{pv.name}' sent no value within the "
-                                               f"{self.cmd.time_window_msec} ms window and could not be read "
-                                               f"within {self.read_timeout:g} s"))
+            for pv in self._silent():
+                self._offer(pv, unreadable(f"PV '{pv.name}' sent no value within the "
+                                           f"{self.cmd.time_window_msec} ms window and could not be read "
+                                           f"within {self.read_timeout:g} s"))
         finally:
-            with self.lock:
+            with self.cond:
                 self.closed = True
             for pv in self.cmd.pvs:
                 self.hub.remove_tap(pv, self._tap)
+        self._publish_arrived()
         self._replace_refused()
         self.publish(replies.snapshot_complete(self.cmd.reply_id), None)
 
 
 # ----------------------------------------------------------------------------- repeating
+
+class NotRunning(ProtocolError):
+    """No snapshot of that name is running (never started, stopped, or ended)."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.BAD_REQUEST, message)
+
 
 @dataclass
 class Request:
@@ -288,7 +332,7 @@ class Repeating:
     def __init__(self, cmd: C.RepeatingSnapshot, hub: MonitorHub,
                  publish: Callable[[str, str, dict, str | None], None],
                  on_end: Callable[["Repeating"], None] = lambda snap: None, settle: float = SETTLE_S,
-                 first_iteration: int = 0, warmup: float = 0.0):
+                 first_iteration: int = 0, warmup: float = 0.0, max_buffered: int = MAX_BUFFERED):
         self.cmd = cmd
         self.name = cmd.snapshot_name
         self.topic = snapshot_topic(cmd.snapshot_name)
@@ -301,16 +345,19 @@ class Repeating:
         self.published = first_iteration   # last iteration whose Tail went out without error
         self.warmup = warmup        # resumed: wait this long for values before the first iteration
         self.failures = 0
+        self.max_buffered = max_buffered
         self.lock = threading.Lock()            # values fed by the hub
         self.latest: dict[PVUri, dict] = {}
         self.history: dict[PVUri, deque] = {pv: deque(maxlen=HISTORY) for pv in cmd.pvs}
         self.buffer: list[tuple[PVUri, dict]] = []
+        self.left_out = 0                       # timedbuffered: values of the open window beyond max_buffered
         self.window_open = False
-        self.cv = threading.Condition()         # requests and closing
+        self.cv = threading.Condition()         # ``requests`` and ``closing``: read and changed only under it
         self.requests: deque[Request] = deque()
         self.closing = False
         self.stopped = threading.Event()
         self.channels: list[Channel] = []
+        self.header: dict | None = None         # the open iteration's Header, until it goes out
         self.thread = threading.Thread(target=self._loop, name=f"k2eg-snap-{self.name}"[:60], daemon=True)
 
     # -- fed by the hub (EPICS callback threads)
@@ -319,7 +366,10 @@ class Repeating:
             self.latest[ch.pv] = tree
             self.history[ch.pv].append((stamp(tree), tree))
             if self.window_open:
-                self.buffer.append((ch.pv, tree))
+                if len(self.buffer) < self.max_buffered:
+                    self.buffer.append((ch.pv, tree))
+                else:
+                    self.left_out += 1
 
     def attach(self) -> None:
         for pv in self.cmd.pvs:
@@ -352,7 +402,7 @@ class Repeating:
     def submit(self, req: Request) -> None:
         with self.cv:
             if self.stopped.is_set():
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"no running snapshot named '{self.name}'")
+                raise NotRunning(f"no running snapshot named '{self.name}'")
             if len(self.requests) >= MAX_PENDING:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"snapshot '{self.name}' already has {MAX_PENDING} "
                                                            "requests waiting")
@@ -361,7 +411,8 @@ class Repeating:
 
     @property
     def stopping(self) -> bool:
-        return any(r.kind == "stop" for r in list(self.requests))
+        with self.cv:
+            return self._stop_pending()
 
     def close(self) -> None:
         """Gateway shutdown: end the thread soon, without a final iteration."""
@@ -369,9 +420,23 @@ class Repeating:
             self.closing = True
             self.cv.notify_all()
 
+    def _stop_pending(self) -> bool:
+        """Caller holds ``cv``."""
+        return any(r.kind == "stop" for r in self.requests)
+
     def _interrupt(self) -> bool:
-        """Whether an open window must close now (a stop on a scheduled snapshot, or shutdown)."""
-        return self.closing or (not self.cmd.triggered and any(r.kind == "stop" for r in self.requests))
+        """Whether an open window must close now (caller holds ``cv``): shutdown, a stop, or a trigger
+        of a scheduled snapshot (a triggered one serves its triggers one window each)."""
+        return (self.closing or self._stop_pending()
+                or not self.cmd.triggered and any(r.kind == "trigger" for r in self.requests))
+
+    def _take_triggers(self) -> list[Request]:
+        """Scheduled snapshot: the triggers queued ahead of any stop, served by the window closing now."""
+        with self.cv:
+            taken = []
+            while self.requests and self.requests[0].kind == "trigger":
+                taken.append(self.requests.popleft())
+            return taken
 
     def _sleep_until(self, when: float) -> bool:
         """Sleep until monotonic ``when``; False if interrupted first."""
@@ -387,7 +452,16 @@ class Repeating:
     def _emit(self, record: dict, value_key: str | None = None) -> None:
         self._publish(self.topic, self.name, record, value_key)
 
+    def _emit_header(self) -> None:
+        """The open iteration's Header, once: it goes out with the iteration's first Data (else its Tail),
+        as the C++ gateway's does, so a 0.3.0 client joining the topic after the start reply (from its
+        newest offset, on an empty topic from the start) still sees the first iteration whole."""
+        header, self.header = self.header, None
+        if header is not None:
+            self._emit(header)
+
     def _emit_data(self, pv: PVUri, tree: Any, ts: int, iteration: int) -> None:
+        self._emit_header()
         record = replies.snapshot_data(pv.name, filtered(tree, self.cmd.field_filter), ts, iteration)
         try:
             self._emit(record, pv.name)
@@ -403,19 +477,21 @@ class Repeating:
             self._emit_data(pv, tree, ts, iteration)
 
     # -- one iteration
-    def _iterate(self, tags: dict | None, start: float) -> float:
-        """Header, the window, Data, Tail; returns the monotonic time the window closed."""
+    def _iterate(self, tags: dict | None, start: float, served: list[Request]) -> float:
+        """Header, the window, Data, Tail; returns the monotonic time the window closed.
+
+        Triggers of a scheduled snapshot that close the window are appended to ``served``.
+        """
         self.iteration += 1
         it = self.iteration
-        header = replies.snapshot_header(self.name, now_ms() - int((time.monotonic() - start) * 1000), it)
+        self.header = replies.snapshot_header(self.name, now_ms() - int((time.monotonic() - start) * 1000), it)
         if tags:
-            header["tags"] = dict(tags)
+            self.header["tags"] = dict(tags)
         if self.timed:
             with self.lock:
                 if not self.window_open:       # back-to-back windows keep the values since the last close
-                    self.buffer = []
+                    self.buffer, self.left_out = [], 0
                     self.window_open = True
-        self._emit(header)
         end = start + self.cmd.time_window_msec / 1000
         push = self.cmd.sub_push_delay_msec / 1000 if self.timed else 0
         while True:
@@ -427,15 +503,26 @@ class Repeating:
             self._flush(now_ms(), it)
         closed = time.monotonic()
         instant = time.time()
+        extra: dict[str, Any] = {}
+        if not self.cmd.triggered:
+            served += self._take_triggers()
+            trigger_tags = {k: v for req in served for k, v in req.tags.items()}
+            if trigger_tags:
+                (self.header if self.header is not None else extra)["tags"] = trigger_tags
         if self.timed:
+            # Back to back unless a pause follows, the snapshot waits for triggers, or it is ending.
+            keep_open = self.cmd.repeat_delay_msec == 0 and not self.cmd.triggered and not self._ending()
             with self.lock:
                 items, self.buffer = self.buffer, []
-                # Back to back unless a pause follows, the snapshot waits for triggers, or it is ending.
-                self.window_open = (self.cmd.repeat_delay_msec == 0 and not self.cmd.triggered
-                                    and not self._interrupt())
+                left_out, self.left_out = self.left_out, 0
+                self.window_open = keep_open
             ts = now_ms()
             for pv, tree in items:
                 self._emit_data(pv, tree, ts, it)
+            if left_out:
+                extra["truncated"] = left_out
+                log.warning("snapshot %s iteration %d: %d values beyond the %d buffered were left out",
+                            self.name, it, left_out, self.max_buffered)
         else:
             with self.lock:
                 arrived = dict(self.latest)
@@ -448,14 +535,16 @@ class Repeating:
             for pv in self.cmd.pvs:
                 if pv in values:
                     self._emit_data(pv, values[pv], ts, it)
-        self._emit(replies.snapshot_tail(self.name, now_ms(), it))
+        self._emit_header()
+        self._emit(replies.snapshot_tail(self.name, now_ms(), it, **extra))
         self.published = it
         return closed
 
     def _guarded(self, req: Request | None, start: float) -> float:
         """Run one iteration; a failure is logged, published as an error Tail and answered, never fatal."""
+        served = [req] if req is not None else []
         try:
-            closed = self._iterate(req.tags if req else None, start)
+            closed = self._iterate(req.tags if req else None, start, served)
         except Exception as e:
             self.failures += 1
             log.exception("snapshot %s: iteration %d failed (%d in a row)", self.name, self.iteration, self.failures)
@@ -467,15 +556,15 @@ class Repeating:
                 log.exception("snapshot %s: cannot publish the error Tail", self.name)
             with self.lock:
                 self.window_open = False
-                self.buffer = []
-            if req is not None:
-                req.finish(None, message)
+                self.buffer, self.left_out = [], 0
+            for r in served:
+                r.finish(None, message)
             if self.failures < MAX_FAILURES:
                 self._sleep_until(time.monotonic() + 1.0)
             return time.monotonic()
         self.failures = 0
-        if req is not None:
-            req.finish(self.iteration)
+        for r in served:
+            r.finish(self.iteration)
         return closed
 
     # -- the thread
@@ -489,6 +578,10 @@ class Repeating:
                 return self.requests[0]          # left queued: _end answers every stop
             return self.requests.popleft()
 
+    def _ending(self) -> bool:
+        with self.cv:
+            return self.closing or self._stop_pending()
+
     def _loop(self) -> None:
         try:
             if self.warmup > 0:
@@ -501,7 +594,11 @@ class Repeating:
                     self._guarded(req, time.monotonic())
             else:
                 start = time.monotonic()
-                while self.failures < MAX_FAILURES and self._sleep_until(start):
+                while self.failures < MAX_FAILURES:
+                    if not self._sleep_until(start):
+                        if self._ending():
+                            break
+                        start = time.monotonic()   # a trigger in the pause: its window opens (and closes) now
                     closed = self._guarded(None, start)
                     # The next window is timed from this one's close, not from the end of publishing.
                     start = closed + self.cmd.repeat_delay_msec / 1000
@@ -538,7 +635,7 @@ class SnapshotManager:
     def __init__(self, hub: MonitorHub, reply: Callable, publish_record: Callable, read: Callable[[PVUri], dict],
                  ensure_topics: Callable[[list[str]], Any], connect_timeout: float | None = None,
                  max_repeating: int = 256, read_workers: int = 16, settle: float = SETTLE_S,
-                 state: StateStore | None = None):
+                 state: StateStore | None = None, max_buffered: int = MAX_BUFFERED):
         self.hub = hub
         self.reply = reply                  # (cmd, record, key) -> None
         self.publish_record = publish_record  # (topic, key, record, ser, value_key[, on_too_large, on_settled])
@@ -555,6 +652,7 @@ class SnapshotManager:
         self.iterations = 0
         self.on_iteration: Callable[[float], None] | None = None   # seconds from Header to Tail (metrics)
         self.state = state                  # where running snapshots are kept across restarts, if anywhere
+        self.max_buffered = max_buffered
 
     # -- one-shot
     def one_shot(self, cmd: C.Snapshot) -> None:
@@ -590,18 +688,18 @@ class SnapshotManager:
             log.exception("cannot record snapshot state")
 
     def _publisher(self, cmd: C.RepeatingSnapshot) -> Callable[[str, str, dict, str | None], None]:
-        began = time.monotonic()   # one snapshot publishes from its own thread: no lock needed
+        began = time.time()   # one snapshot publishes from its own thread: no lock needed
 
         def publish(t: str, key: str, record: dict, value_key: str | None) -> None:
             nonlocal began
             kind = record.get("message_type")
-            if kind == replies.HEADER:
-                began = time.monotonic()
+            if kind == replies.HEADER:   # it carries the window's opening time, and may go out later
+                began = record["timestamp"] / 1000
             self.publish_record(t, key, record, cmd.serialization, value_key)
             if kind == replies.TAIL:
                 self.iterations += 1
                 if self.on_iteration is not None:
-                    self.on_iteration(time.monotonic() - began)
+                    self.on_iteration(max(0.0, time.time() - began))
         return publish
 
     def start(self, cmd: C.RepeatingSnapshot) -> None:
@@ -620,7 +718,8 @@ class SnapshotManager:
             if len(self.running) >= self.max_repeating:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{len(self.running)} repeating snapshots are running, "
                                                            f"the most this gateway allows; stop one first")
-            snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle)
+            snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle,
+                             max_buffered=self.max_buffered)
             self.running[cmd.snapshot_name] = snap
         try:
             self.ensure_topics([topic])
@@ -646,7 +745,8 @@ class SnapshotManager:
             if cmd.snapshot_name in self.running:
                 return
             snap = Repeating(cmd, self.hub, self._publisher(cmd), self._ended, self.settle,
-                             first_iteration=last_iteration, warmup=self.connect_timeout)
+                             first_iteration=last_iteration, warmup=self.connect_timeout,
+                             max_buffered=self.max_buffered)
             self.running[cmd.snapshot_name] = snap
         try:
             self.ensure_topics([snap.topic])
@@ -661,35 +761,32 @@ class SnapshotManager:
         with self.lock:
             snap = self.running.get(name)
         if snap is None or snap.stopped.is_set():
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"no running snapshot named '{name}'")
+            raise NotRunning(f"no running snapshot named '{name}'")
         return snap
 
-    def trigger(self, cmd: C.SnapshotTrigger) -> None:
-        snap = self._find(cmd.snapshot_name)
-        if not snap.cmd.triggered:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"snapshot '{cmd.snapshot_name}' is not a triggered snapshot: "
-                                                       "it runs on its own schedule")
-
+    def _answer(self, cmd: C.SnapshotTrigger | C.SnapshotStop, done: str) -> Callable[[int | None, str | None], None]:
+        """The reply to a trigger or stop, sent by the snapshot's thread once its iteration is out."""
         def answer(iteration: int | None, error: str | None) -> None:
             if error is not None:
                 self._reply(cmd, replies.error(cmd.reply_id, ErrorCode.EPICS_FAILED, error))
             else:
-                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} iteration {iteration} "
-                                                          "published", iter_index=iteration))
+                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} {done} {iteration}",
+                                            iter_index=iteration))
+        return answer
 
-        snap.submit(Request("trigger", answer, dict(cmd.tags)))
+    def trigger(self, cmd: C.SnapshotTrigger) -> None:
+        """Triggered snapshot: one window per trigger. Scheduled: the open window closes now and is published
+        as an extra iteration (in a repeat_delay pause, a window opens and closes now); the schedule goes on."""
+        self._find(cmd.snapshot_name).submit(Request("trigger", self._answer(cmd, "published iteration"),
+                                                     dict(cmd.tags)))
 
     def stop(self, cmd: C.SnapshotStop) -> None:
-        snap = self._find(cmd.snapshot_name)
-
-        def answer(iteration: int | None, error: str | None) -> None:
-            if error is not None:
-                self._reply(cmd, replies.error(cmd.reply_id, ErrorCode.EPICS_FAILED, error))
-            else:
-                self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} stopped after iteration "
-                                                          f"{iteration}", iter_index=iteration))
-
-        snap.submit(Request("stop", answer))
+        """A snapshot that is not running is already stopped: error 0 (compat: scripts stop before they start)."""
+        try:
+            self._find(cmd.snapshot_name).submit(Request("stop", self._answer(cmd, "stopped after iteration")))
+        except NotRunning:
+            self._reply(cmd, replies.ok(cmd.reply_id, f"snapshot {cmd.snapshot_name} is not running: "
+                                                      "already stopped"))
 
     def close(self) -> None:
         with self.lock:

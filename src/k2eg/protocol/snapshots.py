@@ -13,7 +13,7 @@ from .errors import ErrorCode
 log = logging.getLogger("k2eg.snapshots")
 
 _STREAM_META = ("message_type", "timestamp", "iter_index", "snapshot_name", "error", "reply_id", "message",
-                "message-size", "tags")
+                "message-size", "tags", "truncated")
 
 
 def _pv_entries(rec: dict) -> Iterable[tuple[str, Any]]:
@@ -63,7 +63,10 @@ class IterationAssembler:
 
     The handler data is 0.3.0's: ``iteration``, ``header_timestamp``,
     ``tail_timestamp``, ``timestamp`` and every requested PV (``[]`` when it
-    sent nothing), plus ``tags`` when the trigger carried some. Lost or
+    sent nothing), plus ``tags`` when the trigger carried some (on the
+    Header, or on the Tail of a scheduled window a trigger closed after its
+    first push), and ``truncated``: how many values a timedbuffered window
+    left out beyond the gateway's bound, when it left some out. Lost or
     out-of-order records never wedge it and are never hidden: an iteration
     whose Header or Tail was lost, or whose Tail reports an error, is
     delivered with ``"incomplete": True`` (and counted in ``incomplete``):
@@ -111,12 +114,20 @@ class IterationAssembler:
         self._iteration, self._header_ts, self._has_header, self._tags = iteration, header_ts, has_header, tags
         self._results = {name: [] for name in self.pv_names}
 
-    def _close(self, tail_ts: int | None, complete: bool) -> None:
+    def _close(self, tail_ts: int | None, complete: bool, tail: dict | None = None) -> None:
         data: dict[str, Any] = {"iteration": self._iteration, "header_timestamp": self._header_ts,
                                 "tail_timestamp": tail_ts, "timestamp": tail_ts}
         data.update(self._results)
-        if self._tags:
-            data["tags"] = self._tags
+        tags = dict(self._tags or {})
+        if tail is not None and isinstance(tail.get("tags"), dict):
+            tags.update(tail["tags"])
+        if tags:
+            data["tags"] = tags
+        left_out = tail.get("truncated") if tail is not None else None
+        if isinstance(left_out, int) and not isinstance(left_out, bool) and left_out > 0:
+            data["truncated"] = left_out
+            log.warning("snapshot %s iteration %s: the gateway left out %d values beyond its bound",
+                        self.snapshot_name, self._iteration, left_out)
         if not complete:
             data["incomplete"] = True
             self.incomplete += 1
@@ -166,4 +177,4 @@ class IterationAssembler:
         else:  # TAIL
             if self._iteration is None:
                 self._open(it, None, False)      # Header and Data all lost
-            self._close(rec.get("timestamp"), complete=self._has_header and rec.get("error", 0) == 0)
+            self._close(rec.get("timestamp"), complete=self._has_header and rec.get("error", 0) == 0, tail=rec)
