@@ -44,14 +44,13 @@ from epics import ca, dbr
 
 from k2eg.protocol.errors import ErrorCode
 
-from .base import EventCallback, PVError, ValueTree, connect_timeout, pin_thread_state, share
+from .base import EventCallback, PVError, ValueTree, connect_timeout, disconnected, pin_thread_state, share
 
 __all__ = ["CAProvider", "CASubscription"]
 
 _log = logging.getLogger(__name__)
 
 EPICS_EPOCH = 631152000  # 1990-01-01 in POSIX seconds
-INVALID = 3
 DISCONNECTED_STATUS = 9  # COMM
 DESC_TIMEOUT = 1.0  # a server without records (no .DESC) delays readiness at most this long
 # A lost server is searched for this often. libca's own search backoff for a
@@ -455,9 +454,7 @@ class CASubscription:
             last, self._last = self._last, None
             if last is None or self._closed:
                 return
-            tree = dict(last)
-            tree["alarm"] = {"severity": INVALID, "status": DISCONNECTED_STATUS, "message": "disconnected"}
-            self._call(tree)
+            self._call(disconnected(last, DISCONNECTED_STATUS))
 
     def _call(self, tree: ValueTree) -> None:
         try:
@@ -484,6 +481,7 @@ class CAProvider:
     """
 
     protocol = "ca"
+    disconnected_status = DISCONNECTED_STATUS
 
     def __init__(self):
         self._lib = _libca()

@@ -38,7 +38,8 @@ from p4p.client.raw import Context, Disconnected, Finished, RemoteError
 
 from k2eg.protocol.errors import ErrorCode
 
-from .base import Deadlines, EventCallback, GetDone, PVError, ValueTree, connect_timeout, pin_thread_state, share
+from .base import (Deadlines, EventCallback, GetDone, PVError, ValueTree, connect_timeout, disconnected,
+                   pin_thread_state, share)
 
 __all__ = ["PVAProvider", "PVASubscription", "value_tree", "structure_of"]
 
@@ -46,7 +47,6 @@ _log = logging.getLogger(__name__)
 
 # NT alarm status "CLIENT": the client, not the server, says the PV is gone.
 DISCONNECTED_STATUS = 7
-INVALID = 3
 _BATCH = 16  # updates drained per turn before other subscriptions get theirs
 # pvxs' default monitor queue (4) squashed ~4% of 10 Hz updates when the dispatcher
 # fell ~0.5 s behind on a loaded machine (soak, issue 7); entries cost memory only
@@ -440,9 +440,7 @@ class PVASubscription:
             self._provider._down(self)
         if not was or last is None:
             return
-        tree = dict(last)
-        tree["alarm"] = {"severity": INVALID, "status": DISCONNECTED_STATUS, "message": why}
-        self._call(tree)
+        self._call(disconnected(last, DISCONNECTED_STATUS, why))
 
     def _call(self, tree: ValueTree) -> None:
         try:
@@ -527,6 +525,7 @@ class PVAProvider:
     """PVA gets, puts, info and monitors over one p4p client Context."""
 
     protocol = "pva"
+    disconnected_status = DISCONNECTED_STATUS
 
     def __init__(self, conf: dict[str, str] | None = None, monitor_queue_size: int | None = MONITOR_QUEUE_SIZE):
         """``conf`` overrides EPICS_PVA_* from the environment (tests, embedding)."""
