@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     io = KafkaIO(opts)
     state = StateStore(opts)
-    providers = {"pva": PVAProvider(), "ca": CAProvider()}
+    idle = opts.channel_idle_timeout
+    providers = {"pva": PVAProvider(idle_timeout=idle), "ca": CAProvider(idle_timeout=idle)}
     try:
         gw = Gateway(opts, io, providers, state)
     except ValueError as e:  # e.g. an unreadable access rules file: refuse to start

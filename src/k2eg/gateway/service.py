@@ -286,9 +286,20 @@ class Gateway:
             "delivery_failures": self.io.delivery_failed, "producer_queue_depth": self.io.queue_depth(),
             "producer_pending_events": self.io.pending,
             "pvs_total": len(channels), "pvs_connected": sum(1 for ch in channels if ch.connected),
+            "events_rate_capped": self.hub.skipped(), "events_refreshed": self.hub.refreshes,
+            "epics_channels": self.channel_counts(),
             "snapshot_iterations": getattr(self.snapshots, "iterations", 0),
             "repeating_snapshots": len(getattr(self.snapshots, "running", {})),
         }
+
+    def channel_counts(self) -> dict[str, int]:
+        """EPICS channels open per protocol (idle ones are closed after --channel-idle-timeout)."""
+        counts = {}
+        for protocol, provider in self.providers.items():
+            count = getattr(provider, "channel_count", None)
+            if count is not None and protocol not in counts:
+                counts[protocol] = count()
+        return counts
 
     def provider(self, pv: PVUri) -> Provider:
         return self.providers[pv.protocol]
@@ -504,6 +515,8 @@ class Gateway:
             "pvs": {"total": len(channels), "connected": sum(1 for ch in channels if ch.connected)},
             "rates": {"events_published_per_s": rates.pop("*published"), "commands_per_s": rates.pop("*commands")},
             "monitors_active": sum(1 for ch in channels if ch.destinations),
+            "epics_channels": self.channel_counts(),
+            "events_rate_capped": self.hub.skipped(), "events_refreshed": self.hub.refreshes,
             "snapshots": [{"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
                            "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
                            "failures": sn.failures} for sn in snaps],
@@ -518,10 +531,14 @@ class Gateway:
         for ch in channels[:STATUS_MONITORS]:
             with ch.lock:
                 dests = {t: s.value for t, s in ch.destinations.items()}
-            monitors.append({"pv": ch.pv.uri, "connected": ch.connected, "events": ch.events,
-                             "events_per_s": rates.get(ch.pv.uri, 0.0),
-                             "destinations": dests, "snapshot_taps": len(ch.taps),
-                             "subscriptions_opened": self.hub.opened.get(ch.pv, 0)})
+                caps = {t: th.max_rate for t, th in ch.throttles.items()} if ch.throttles else None
+            entry = {"pv": ch.pv.uri, "connected": ch.connected, "events": ch.events,
+                     "events_per_s": rates.get(ch.pv.uri, 0.0),
+                     "destinations": dests, "snapshot_taps": len(ch.taps),
+                     "subscriptions_opened": self.hub.opened.get(ch.pv, 0)}
+            if caps:
+                entry["max_events_per_second"], entry["events_rate_capped"] = caps, ch.skipped()
+            monitors.append(entry)
         doc["monitors"] = monitors
         doc["topics_created"] = sorted(self.io.admin.created)
         doc["topics_purging"] = sorted(self.destinations.purging())   # expired, to be deleted
