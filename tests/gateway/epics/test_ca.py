@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from k2eg.gateway.epics.ca import CAProvider
 from k2eg.protocol.errors import ErrorCode
 from k2eg.stack.ioc import DemoIOC
 
-from .conftest import BULK, client_env
+from .conftest import BULK, check_idle_release, client_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -321,34 +320,18 @@ def test_provider_leaves_the_callers_ca_context_alone(demo_ioc):
         second.close()
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_channels_nothing_uses_are_cleared_and_a_monitor_keeps_its_own(demo_ioc, recorder):
     """A misspelled name searches no longer than the idle timeout; a monitored PV's channel stays."""
     with client_env(demo_ioc):
         provider = CAProvider(idle_timeout=2.0)
-    try:
-        rec = recorder()
-        sub = provider.monitor("channel:counter", rec)
-        assert rec.wait_count(1, 10)
+
+    def open_missing() -> int:
         with pytest.raises(PVError):
             provider.get("no:such:record", 0.5)
-        assert provider.channel_count() == 2
-        assert provider.get("variable:a", 5)["value"] is not None
-        assert _wait_for(lambda: provider.channel_count() == 1, 10), provider.channel_count()
-        n = len(rec.events)
-        assert rec.wait_count(n + 3, 10), "the monitor stopped delivering"
-        assert provider.get("variable:a", 5)["value"] is not None  # a cleared name is opened again on use
-        assert provider.info("channel:long", 5)["structure"]
-        sub.close()
-        assert _wait_for(lambda: provider.channel_count() == 0, 10), provider.channel_count()
+        return 2
+
+    try:
+        check_idle_release(provider, recorder(), open_missing)
     finally:
         provider.close()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from k2eg.gateway.epics.pva import PVAProvider
 from k2eg.protocol.errors import ErrorCode
 from k2eg.stack.ioc import DemoIOC
 
-from .conftest import BULK, client_env
+from .conftest import BULK, check_idle_release, client_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -329,29 +328,18 @@ def test_get_async_of_a_missing_pv_answers_a_timeout_after_the_timeout(pva):
 def test_names_nothing_uses_are_forgotten_and_a_monitor_keeps_its_own(demo_ioc, recorder):
     with client_env(demo_ioc):
         provider = PVAProvider(idle_timeout=2.0)
-    try:
-        rec = recorder()
-        sub = provider.monitor("channel:counter", rec)
-        assert rec.wait_count(1, 10)
+
+    def open_missing() -> int:
         answers = _Answers()
         provider.get_async("no:such:pv:idle", 0.3, answers)
         answers.wait(1, timeout=10)
         with pytest.raises(PVError):
             provider.get("no:such:pv:idle2", 0.3)
-        assert provider.channel_count() == 3
-        assert provider.get("variable:a", 5)["value"] is not None
-        deadline = time.monotonic() + 10
-        while provider.channel_count() > 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert provider.channel_count() == 1 and "variable:a" not in provider._plans
-        n = len(rec.events)
-        assert rec.wait_count(n + 3, 10), "the monitor stopped delivering"
-        assert provider.get("variable:a", 5)["value"] is not None  # a forgotten name is opened again on use
-        sub.close()
-        deadline = time.monotonic() + 10
-        while provider.channel_count() > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert provider.channel_count() == 0
+        return 3
+
+    try:
+        check_idle_release(provider, recorder(), open_missing)
+        assert "variable:a" not in provider._plans  # its conversion plan went with it
     finally:
         provider.close()
 
