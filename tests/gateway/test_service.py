@@ -19,6 +19,8 @@ from k2eg.protocol.codec import decode
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import parse_pv_uri
 
+from .test_expiry import FakeState
+
 OPTS = ["--cmd-input-topic", "cmd", "--sub-server-address", "k", "--pub-server-address", "k",
         "--pv-connection-timeout", "0.3", "--command-workers", "4"]
 
@@ -135,21 +137,6 @@ class FakeIO:
 
     def publishes_at_once(self, topics):
         return set(topics) <= self.admin.created
-
-
-class FakeState:
-    """The state topic: what was written, in order."""
-
-    def __init__(self):
-        self.items: list = []
-        self.removed: list[str] = []
-
-    def write(self, items=(), removed=()):
-        self.items.extend(items)
-        self.removed.extend(removed)
-
-    def last_iteration(self, topic):
-        return 0
 
 
 @pytest.fixture
