@@ -11,7 +11,8 @@ monitor updates are decoded straight from the DBR buffer.
 Each provider owns a preemptive-callback CA context created from the process
 environment when the provider is built (libca reads EPICS_CA_* then), so a
 gateway or a test sets the environment first; channels are cached per name
-within the provider.
+within the provider, and cleared once nothing used them for ``idle_timeout``
+(a monitor keeps its own).
 
 A CA value tree uses the PVA NTScalar field names: ``value, alarm,
 timeStamp`` from the DBR_TIME_* monitor, ``display, control, valueAlarm``
