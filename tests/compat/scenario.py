@@ -129,6 +129,9 @@ try:
             out["error unknown pv"] = error_of(lambda: k.get("pva://no:such:pv", T))
             out["error bad uri"] = error_of(lambda: k.get("variable:a", T))
             out["error stop unknown"] = error_of(lambda: k.stop_monitor("never:monitored"))
+            # A PV not up yet (an IOC rebooting): accepted, so the client has a handler to stop.
+            out["monitor not up"] = error_of(lambda: k.monitor("ca://not:up:yet", lambda *_: None, T))
+            out["stop monitor not up"] = error_of(lambda: k.stop_monitor("not:up:yet"))
         elif step == "snapshot":
             snap = k.snapshot_sync(["ca://variable:a", "pva://channel:counter"], timeout=T)
             out["snapshot"] = {"keys": sorted(snap), "all_read": all(len(v) >= 1 for key, v in snap.items()

@@ -38,6 +38,7 @@ def test_legacy_monitor_and_monitor_many(legacy):
 def test_legacy_errors(legacy):
     assert legacy["error unknown pv"] == {"type": "OperationError", "code": -3}
     assert legacy["error bad uri"]["type"] == "ValueError"
+    assert legacy["monitor not up"] is None and legacy["stop monitor not up"] is None  # PROTOCOL 4
 
 
 def test_legacy_one_shot_snapshot(legacy):

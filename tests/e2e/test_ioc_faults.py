@@ -141,3 +141,37 @@ def test_ioc_crash_and_restart(fault_stack, client):
     monitored = {m["pv"]: m for m in status["monitors"]}
     for uri in URIS.values():
         assert monitored[uri]["connected"], monitored.get(uri)
+
+
+NOT_UP = {"ca": "ca://channel:ramp:ramp", "pva": "pva://channel:ramp:ramp.VAL"}  # monitored by no other test here
+
+
+def test_a_monitor_of_a_pv_whose_ioc_is_not_up_is_kept_and_delivered_once_it_connects(fault_stack, client):
+    """PROTOCOL 4: accepted (error 0, the message says not connected yet), a disconnected event on its
+    topic meanwhile, values once the IOC is up. A second client's monitor of the same PV, also refused
+    no more, leaves the first one's in place."""
+    fault_stack.stop_ioc()
+    try:
+        events = {proto: Events() for proto in NOT_UP}
+        t0 = time.monotonic()
+        for proto, uri in NOT_UP.items():
+            reply = client.monitor(uri, events[proto], 30)
+            assert reply["error"] == 0 and "not connected yet" in reply["message"], reply
+        for proto, ev in events.items():
+            assert ev.wait(disconnected, t0, 20), f"{NOT_UP[proto]}: no disconnected event on its topic"
+        with dml(fault_stack.environment, f"faults-{uuid.uuid4().hex[:8]}") as other:
+            for uri in NOT_UP.values():
+                assert other.monitor(uri, lambda *_: None, 30)["error"] == 0
+            monitored = {m["pv"]: m for m in other.status()["monitors"]}
+        for uri in NOT_UP.values():
+            assert not monitored[uri]["connected"] and monitored[uri]["destinations"], monitored.get(uri)
+    finally:
+        fault_stack.start_ioc()
+    t_up = time.monotonic()
+    back = {}
+    for proto, ev in events.items():
+        got = ev.wait(live, t_up, 60)
+        assert got, f"{NOT_UP[proto]}: no value within 60 s after its IOC came up"
+        assert isinstance(got[1]["value"], (int, float))
+        back[proto] = round(got[0] - t_up, 2)
+    print(f"\nfirst value of a monitor made while its IOC was down (IOC up -> value at the client): {back}")

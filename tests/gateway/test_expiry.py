@@ -304,9 +304,12 @@ def test_no_purge_option_keeps_even_a_created_topic(gw):
     assert gw.io.admin.deleted == [] and gw.hub.channels() == [] and gw.status()["topics_purging"] == []
 
 
-def test_a_pv_that_never_connects_is_neither_tracked_nor_kept(gw):
+def test_a_pv_that_never_connects_is_kept_recorded_and_still_expires(gw):
+    """PROTOCOL 4: accepted and kept (an IOC may be rebooting); consumer-activity expiry still ends it."""
     run(gw, {"command": "monitor", "pv_name": "pva://bad:a", "monitor_dest_topic": "t", "reply_topic": "r"})
-    assert gw.destinations.topics() == [] and gw.state.items == []
+    assert gw.destinations.topics() == ["t"] and [i.command.pv.name for i in gw.state.items] == ["bad:a"]
+    expire_all(gw)
+    assert gw.hub.channels() == [] and gw.destinations.topics() == [] and len(gw.state.removed) == 1
 
 
 def test_resume_subscribes_once_per_pv_answers_nobody_and_keeps_the_created_flag(gw):

@@ -10,13 +10,16 @@ from typing import Any
 import pytest
 
 from k2eg.gateway import options as O
-from k2eg.gateway.epics.base import connect_timeout
+from k2eg.gateway.epics.base import PVError, connect_timeout
 from k2eg.gateway.monitors import MonitorHub
-from k2eg.gateway.service import Gateway
+from k2eg.gateway.service import Gateway, Workers
+from k2eg.gateway.state import MonitorState
 from k2eg.protocol import commands as C
 from k2eg.protocol.codec import decode
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import parse_pv_uri
+
+from .test_expiry import FakeState
 
 OPTS = ["--cmd-input-topic", "cmd", "--sub-server-address", "k", "--pub-server-address", "k",
         "--pv-connection-timeout", "0.3", "--command-workers", "4"]
@@ -54,6 +57,8 @@ class FakeProvider:
         return {"protocol": "pva", "name": name}
 
     def monitor(self, name, on_event):
+        if name.startswith("broken"):
+            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot create channel")
         sub = FakeSub(on_event)
         self.subs.setdefault(name, []).append(sub)
         if name.startswith("good"):
@@ -140,7 +145,7 @@ class FakeIO:
 @pytest.fixture
 def gw():
     io, provider = FakeIO(refuse={"refused-topic"}), FakeProvider()
-    g = Gateway(O.parse(OPTS, environ={}), io, {"pva": provider, "ca": provider})
+    g = Gateway(O.parse(OPTS, environ={}), io, {"pva": provider, "ca": provider}, state=FakeState())
     yield g
     g.close()
 
@@ -308,13 +313,58 @@ def test_a_destination_the_broker_refuses_is_an_error_reply(gw):
     assert gw.hub.get(parse_pv_uri("pva://good:a")) is None  # nothing left subscribed
 
 
-def test_multi_monitor_reports_the_pvs_that_did_not_connect_and_keeps_the_others(gw):
+def test_multi_monitor_accepts_the_pvs_that_did_not_connect_and_says_which(gw):
+    """PROTOCOL 4: kept, announced as disconnected, delivered once they connect."""
     run(gw, {"command": "multi-monitor", "pv_name_list": ["pva://good:a", "pva://bad:a", "pva://bad:b"],
              "reply_topic": "r", "reply_id": "mm"})
     (rep,) = gw.io.replies("r")
-    assert rep["error"] == -3 and "2 of 3" in rep["message"] and "pva://bad:b" in rep["message"]
+    assert rep["error"] == 0 and "2 PVs not connected yet" in rep["message"] and "pva://bad:b" in rep["message"]
+    assert "pva://good:a" not in rep["message"]
     assert gw.hub.get(parse_pv_uri("pva://good:a")).destinations == {"good_a": C.Serialization.MSGPACK}
-    assert gw.hub.get(parse_pv_uri("pva://bad:a")) is None
+    assert gw.hub.get(parse_pv_uri("pva://bad:a")).destinations == {"bad_a": C.Serialization.MSGPACK}
+    assert gw.io.replies("bad_a") == [{"bad:a": {"alarm": {"severity": 3, "status": 9, "message": "disconnected"}}}]
+    gw.providers["pva"].fire("bad:b", {"value": 5.0})
+    assert gw.io.replies("bad_b")[-1] == {"bad:b": {"value": 5.0}}
+
+
+def test_a_monitor_of_a_pv_not_up_yet_is_accepted_and_delivered_once_it_connects(gw):
+    run(gw, {"command": "monitor", "pv_name": "pva://bad:a", "monitor_dest_topic": "d", "reply_topic": "r",
+             "reply_id": "m"})
+    (rep,) = gw.io.replies("r")
+    assert rep["error"] == 0 and "not connected yet" in rep["message"] and "pva://bad:a" in rep["message"]
+    assert gw.io.replies("d") == [{"bad:a": {"alarm": {"severity": 3, "status": 9, "message": "disconnected"}}}]
+    assert not gw.status()["monitors"][0]["connected"]
+    gw.providers["pva"].fire("bad:a", {"value": 1.0})
+    assert gw.io.replies("d")[-1] == {"bad:a": {"value": 1.0}} and gw.status()["monitors"][0]["connected"]
+    assert [i.command.pv.uri for i in gw.state.items] == ["pva://bad:a"]
+
+
+def test_a_monitor_that_finds_no_value_keeps_a_pair_that_was_there_before(gw):
+    """Resumed from the state topic while its IOC is away; a client then asks for the same monitor."""
+    pv = parse_pv_uri("pva://bad:a")
+    gw.resume([MonitorState(C.Monitor(pv=pv, destination="d"), created_topic=True)])
+    run(gw, {"command": "monitor", "pv_name": "pva://bad:a", "monitor_dest_topic": "d", "reply_topic": "r",
+             "reply_id": "m"})
+    assert gw.hub.get(pv).destinations == {"d": C.Serialization.MSGPACK}
+    assert gw.destinations.get("d").pvs == {pv} and gw.destinations.get("d").created
+    gw.providers["pva"].fire("bad:a", {"value": 1.0})
+    assert gw.io.replies("d")[-1] == {"bad:a": {"value": 1.0}}
+
+
+def test_a_failed_monitor_command_undoes_only_the_pairs_it_added(gw):
+    """The provider refuses the third PV: the new pair of the second is undone, the first one's older pair stays."""
+    run(gw, {"command": "monitor", "pv_name": "pva://good:a", "reply_topic": "r", "monitor_dest_topic": "good_a",
+             "reply_id": "first"})
+    run_more = {"command": "multi-monitor", "pv_name_list": ["pva://good:a", "pva://good:b", "pva://broken:c"],
+                "reply_topic": "r", "reply_id": "mm"}
+    gw.workers = Workers(2, "test")
+    run(gw, run_more)
+    rep = gw.io.replies("r")[-1]
+    assert rep["error"] != 0 and "broken:c" in rep["message"]
+    assert gw.hub.get(parse_pv_uri("pva://good:a")).destinations == {"good_a": C.Serialization.MSGPACK}
+    assert gw.destinations.get("good_a").pvs == {parse_pv_uri("pva://good:a")}
+    assert gw.hub.get(parse_pv_uri("pva://good:b")) is None and gw.destinations.get("good_b") is None
+    assert gw.providers["pva"].subs["good:b"][0].closed
 
 
 def test_status_shows_one_subscription_shared_by_destinations(gw):

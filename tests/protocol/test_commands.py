@@ -28,6 +28,8 @@ def err(raw):
     C.Info(reply_topic="r", reply_id="3", pv=PV, serialization=C.Serialization.JSON),
     C.Monitor(reply_topic="r", reply_id="4", pv=PV, destination="variable_a"),
     C.MultiMonitor(reply_topic="r", reply_id="5", pvs=(PV, parse_pv_uri("ca://y"))),
+    C.Monitor(reply_topic="r", reply_id="4b", pv=PV, destination="d", max_events_per_second=2.5),
+    C.MultiMonitor(reply_topic="r", reply_id="5b", pvs=(PV,), max_events_per_second=10.0),
     C.Snapshot(reply_topic="r", reply_id="6", pvs=(PV,), time_window_msec=250),
     C.RepeatingSnapshot(reply_topic="r", reply_id="7", snapshot_name="s-1", pvs=(PV,), repeat_delay_msec=10,
                         triggered=True, kind=C.SnapshotKind.TIMED_BUFFERED, field_filter=("value",)),
@@ -46,6 +48,18 @@ def test_0_3_0_monitor_command_with_extra_fields():
 
 def test_monitor_destination_defaults_to_reply_topic():
     assert cmd(command="monitor", pv_name="ca://x", reply_topic="r").destination == "r"
+
+
+def test_monitor_rate_cap_is_optional_and_a_positive_number():
+    assert cmd(command="monitor", pv_name="ca://x", reply_topic="r").max_events_per_second is None
+    assert cmd(command="monitor", pv_name="ca://x", reply_topic="r", max_events_per_second=5).max_events_per_second \
+        == 5.0
+    for bad in (0, -1, "5", True, 1e9, [1]):
+        e = err({"command": "monitor", "pv_name": "ca://x", "reply_topic": "r", "max_events_per_second": bad})
+        assert e.code == -1 and "max_events_per_second" in e.message and e.envelope.reply_topic == "r"
+    e = err(b'{"command": "multi-monitor", "pv_name_list": ["ca://x"], "reply_topic": "r", '
+            b'"max_events_per_second": NaN}')
+    assert "max_events_per_second" in e.message
 
 
 def test_serialization_is_case_insensitive():

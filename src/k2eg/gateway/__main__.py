@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     state = StateStore(opts)
     journal = PutJournal(opts, lambda: stopping)
     io.partitions = journal   # read before the commands of a partition, pruned as they are committed
-    providers = {"pva": PVAProvider(), "ca": CAProvider()}
+    idle = opts.channel_idle_timeout
+    providers = {"pva": PVAProvider(idle_timeout=idle), "ca": CAProvider(idle_timeout=idle)}
     try:
         gw = Gateway(opts, io, providers, state, journal)
     except ValueError as e:  # e.g. an unreadable access rules file: refuse to start

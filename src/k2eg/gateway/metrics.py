@@ -37,6 +37,11 @@ class _Collector:
             yield CounterMetricFamily(f"k2eg_{name}", text, value=s.get(name, 0))
         for name, text in _GAUGES.items():
             yield GaugeMetricFamily(f"k2eg_{name}", text, value=s.get(name, 0))
+        g = GaugeMetricFamily("k2eg_epics_channels", "EPICS channels open (idle ones close after "
+                                                     "--channel-idle-timeout)", labels=["protocol"])
+        for protocol, n in sorted(s.get("epics_channels", {}).items()):
+            g.add_metric([protocol], n)
+        yield g
 
 
 _COUNTERS = {
@@ -47,6 +52,8 @@ _COUNTERS = {
     "delivery_failures": "Records Kafka did not acknowledge within message.timeout.ms",
     "puts_denied": "Puts refused by the access rules",
     "snapshot_iterations": "Repeating snapshot iterations",
+    "events_rate_capped": "Monitor events left out by a rate cap (a newer value of the PV went out instead)",
+    "events_refreshed": "Current values re-published by the periodic refresh (--monitor-refresh-period)",
 }
 _GAUGES = {
     "pvs_total": "PVs subscribed",

@@ -49,6 +49,15 @@ def _positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return check
 
 
+def _not_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def check(text: str) -> Any:
+        v = convert(text)
+        if not v >= 0:
+            raise ValueError(f"must be 0 or more, got {text}")
+        return v
+    return check
+
+
 def _port(text: str) -> int:
     v = int(text)
     if not 0 < v < 65536:
@@ -127,6 +136,16 @@ SPECS: tuple[Spec, ...] = (
     Spec("snapshot-max-buffered", _positive(int), 50_000,
          "values a timedbuffered snapshot holds until its next push; beyond, the iteration's Tail "
          "counts those left out in 'truncated' (ext)"),
+    # monitors and channels (ext)
+    Spec("monitor-max-events-per-second", _not_negative(float), 0.0,
+         "at most this many events a second per monitored PV and destination, the newest value of each "
+         "interval winning; a monitor command's max_events_per_second may lower it; 0: no cap (ext)"),
+    Spec("monitor-refresh-period", _not_negative(float), 0.0,
+         "seconds: a monitored PV that published nothing for this long publishes its current value again "
+         "(the ESS forwarder's pv-update-period); 0: off (ext)"),
+    Spec("channel-idle-timeout", _positive(float), 300.0,
+         "seconds after which an EPICS channel nothing used (get, put, info, snapshot read) is closed; "
+         "a monitor keeps its channel (ext)"),
 )
 
 # Options of the C++ gateway's own internals (its ProgramOptions.h, plus spellings of

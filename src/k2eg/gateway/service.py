@@ -20,13 +20,13 @@ from k2eg.protocol import replies
 from k2eg.protocol.errors import ErrorCode, ProtocolError
 from k2eg.protocol.uri import PVUri, snapshot_topic
 
-from .epics.base import Provider, connect_timeout
+from .epics.base import Provider
 from .commits import Position
 from .expiry import PURGE_DELETES, Destinations, ExpiryChecker, PurgeStep
 from .journal import PutJournal
 from .kafka import KafkaIO, too_large
 from .memory import Trimmer
-from .monitors import MonitorHub
+from .monitors import MonitorHub, combined_cap
 from .access import PutPolicy, app_of
 from .options import Options
 from .snapshots import SnapshotManager
@@ -92,7 +92,8 @@ class Gateway:
         self.providers = providers
         self.timeout = opts.pv_connection_timeout
         self.memory = Trimmer()
-        self.hub = MonitorHub(providers, self._publish_bytes, self.memory.changed)
+        self.hub = MonitorHub(providers, self._publish_bytes, self.memory.changed,
+                              refresh_period=opts.monitor_refresh_period)
         self.workers = Workers(opts.command_workers, "k2eg-cmd")
         self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0}
         self.operations: dict[tuple[str, str], int] = {}   # (command, ok|error) -> n, for metrics
@@ -320,9 +321,20 @@ class Gateway:
             "delivery_failures": self.io.delivery_failed, "producer_queue_depth": self.io.queue_depth(),
             "producer_pending_events": self.io.pending,
             "pvs_total": len(channels), "pvs_connected": sum(1 for ch in channels if ch.connected),
+            "events_rate_capped": self.hub.skipped(), "events_refreshed": self.hub.refreshes,
+            "epics_channels": self.channel_counts(),
             "snapshot_iterations": getattr(self.snapshots, "iterations", 0),
             "repeating_snapshots": len(getattr(self.snapshots, "running", {})),
         }
+
+    def channel_counts(self) -> dict[str, int]:
+        """EPICS channels open per protocol (idle ones are closed after --channel-idle-timeout)."""
+        counts = {}
+        for protocol, provider in self.providers.items():
+            count = getattr(provider, "channel_count", None)
+            if count is not None and protocol not in counts:
+                counts[protocol] = count()
+        return counts
 
     def provider(self, pv: PVUri) -> Provider:
         return self.providers[pv.protocol]
@@ -361,55 +373,80 @@ class Gateway:
         self.reply(cmd, replies.value(cmd.reply_id, cmd.pv.name, info), cmd.pv.uri)
 
     def _subscribe(self, cmd: C.Monitor | C.MultiMonitor, pairs: list[tuple[PVUri, str]]) -> list[PVUri]:
-        """Subscribe every (pv, topic); return the PVs that sent no value within one connection timeout."""
+        """Subscribe every (pv, topic); return the PVs not connected once one connection timeout passed.
+
+        Those stay subscribed and are delivered once they connect, as camonitor does
+        (PROTOCOL 4); a destination whose PV never sent a value gets a disconnected
+        event meanwhile. A failure undoes only the pairs this command added: one that
+        was there before (another client's, or resumed from the state topic) stays.
+        """
         ser = cmd.serialization
+        cap = combined_cap(self.opts.monitor_max_events_per_second, cmd.max_events_per_second)
         topics = list(dict.fromkeys(t for _, t in pairs))
         # Under the expiry lock: an expiry in progress may be deleting one of these topics; it finishes first.
         with self.destinations.lock:
             made = set(self.io.ensure_topics(topics))
-            chans = []
-            for pv, topic in pairs:
-                chans.append((pv, self.hub.add_destination(pv, topic, ser), topic))
-                # Only a topic created for this monitor may ever be deleted; a reply topic never.
-                self.destinations.add(topic, pv, created=topic in made and topic != cmd.reply_topic)
-        deadline = time.monotonic() + self.timeout  # one timeout for all, not one per PV
-        failed = []
-        for pv, ch, topic in chans:
-            if not ch.first_value.wait(max(0.0, deadline - time.monotonic())):
-                with self.destinations.lock:
+            chans, added = [], []
+            try:
+                for pv, topic in pairs:
+                    new = not self.hub.has_destination(pv, topic)
+                    chans.append((pv, self.hub.add_destination(pv, topic, ser, cap), topic))
+                    if new:
+                        added.append((pv, topic))
+                    # Only a topic created for this monitor may ever be deleted; a reply topic never.
+                    self.destinations.add(topic, pv, created=topic in made and topic != cmd.reply_topic)
+            except BaseException:
+                for pv, topic in added:
                     self.hub.remove_destination(pv, topic)
                     self.destinations.discard(topic, pv)
-                failed.append(pv)
-        self._remember_monitors([(pv, t) for pv, t in pairs if pv not in failed], ser)
+                raise
+        deadline = time.monotonic() + self.timeout  # one timeout for all, not one per PV
+        unconnected = []
+        for pv, ch, topic in chans:
+            if not ch.first_value.wait(max(0.0, deadline - time.monotonic())):
+                self.hub.announce_unconnected(pv, topic)
+            if not ch.connected:
+                unconnected.append(pv)
+        self._remember_monitors(pairs, ser, cmd.max_events_per_second)
         self.memory.changed()  # the command's own garbage (topic creation, state records) is freed by now
-        return failed
+        return list(dict.fromkeys(unconnected))
 
-    def _remember_monitors(self, pairs: list[tuple[PVUri, str]], ser: C.Serialization) -> None:
+    def _remember_monitors(self, pairs: list[tuple[PVUri, str]], ser: C.Serialization,
+                           max_rate: float | None = None) -> None:
         """Record active monitors in the state topic; a failure costs the restart, never the command."""
         if self.state is None or not pairs:
             return
         items = []
         for pv, topic in pairs:
             d = self.destinations.get(topic)
-            items.append(MonitorState(C.Monitor(pv=pv, destination=topic, serialization=ser),
+            items.append(MonitorState(C.Monitor(pv=pv, destination=topic, serialization=ser,
+                                                max_events_per_second=max_rate),
                                       created_topic=d is not None and d.created))
         try:
             self.state.write(items=items)
         except Exception:
             log.exception("cannot record %d monitors in the state topic", len(items))
 
+    def _not_connected_yet(self, pvs: list[PVUri]) -> str:
+        names = ", ".join(pv.uri for pv in pvs[:20]) + (", ..." if len(pvs) > 20 else "")
+        return (f"; not connected yet (no value within {self.timeout:g} s): {names}; "
+                f"its events follow once it connects" if len(pvs) == 1 else
+                f"; {len(pvs)} PVs not connected yet (no value within {self.timeout:g} s): {names}; "
+                f"their events follow once they connect")
+
     def on_monitor(self, cmd: C.Monitor) -> None:
-        if self._subscribe(cmd, [(cmd.pv, cmd.destination)]):
-            raise connect_timeout(cmd.pv.name, self.timeout)
-        self.reply(cmd, replies.ok(cmd.reply_id, f"monitor of {cmd.pv.uri} active on {cmd.destination}"), cmd.pv.uri)
+        unconnected = self._subscribe(cmd, [(cmd.pv, cmd.destination)])
+        message = f"monitor of {cmd.pv.uri} active on {cmd.destination}"
+        if unconnected:
+            message += self._not_connected_yet(unconnected)
+        self.reply(cmd, replies.ok(cmd.reply_id, message), cmd.pv.uri)
 
     def on_multi_monitor(self, cmd: C.MultiMonitor) -> None:
-        failed = self._subscribe(cmd, [(pv, pv.topic) for pv in cmd.pvs])
-        if failed:
-            names = ", ".join(pv.uri for pv in failed[:20]) + (", ..." if len(failed) > 20 else "")
-            raise ProtocolError(ErrorCode.TIMEOUT, f"{len(failed)} of {len(cmd.pvs)} PVs did not connect within "
-                                                   f"{self.timeout:g} s: {names}; the others are monitored")
-        self.reply(cmd, replies.ok(cmd.reply_id, f"monitor of {len(cmd.pvs)} PVs active"), self._key(cmd))
+        unconnected = self._subscribe(cmd, [(pv, pv.topic) for pv in cmd.pvs])
+        message = f"monitor of {len(cmd.pvs)} PVs active"
+        if unconnected:
+            message += self._not_connected_yet(unconnected)
+        self.reply(cmd, replies.ok(cmd.reply_id, message), self._key(cmd))
 
     # ------------------------------------------------------------- restart and expiry
     def resume(self, states: list[State]) -> None:
@@ -427,7 +464,8 @@ class Gateway:
                 for m in monitors:
                     cmd = m.command
                     try:
-                        self.hub.add_destination(cmd.pv, cmd.destination, cmd.serialization)
+                        self.hub.add_destination(cmd.pv, cmd.destination, cmd.serialization, combined_cap(
+                            self.opts.monitor_max_events_per_second, cmd.max_events_per_second))
                     except Exception:
                         log.exception("cannot resume the monitor of %s on %s", cmd.pv, cmd.destination)
                         continue
@@ -519,6 +557,8 @@ class Gateway:
             "pvs": {"total": len(channels), "connected": sum(1 for ch in channels if ch.connected)},
             "rates": {"events_published_per_s": rates.pop("*published"), "commands_per_s": rates.pop("*commands")},
             "monitors_active": sum(1 for ch in channels if ch.destinations),
+            "epics_channels": self.channel_counts(),
+            "events_rate_capped": self.hub.skipped(), "events_refreshed": self.hub.refreshes,
             "snapshots": [{"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
                            "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
                            "failures": sn.failures} for sn in snaps],
@@ -533,10 +573,14 @@ class Gateway:
         for ch in channels[:STATUS_MONITORS]:
             with ch.lock:
                 dests = {t: s.value for t, s in ch.destinations.items()}
-            monitors.append({"pv": ch.pv.uri, "connected": ch.connected, "events": ch.events,
-                             "events_per_s": rates.get(ch.pv.uri, 0.0),
-                             "destinations": dests, "snapshot_taps": len(ch.taps),
-                             "subscriptions_opened": self.hub.opened.get(ch.pv, 0)})
+                caps = {t: th.max_rate for t, th in ch.throttles.items()} if ch.throttles else None
+            entry = {"pv": ch.pv.uri, "connected": ch.connected, "events": ch.events,
+                     "events_per_s": rates.get(ch.pv.uri, 0.0),
+                     "destinations": dests, "snapshot_taps": len(ch.taps),
+                     "subscriptions_opened": self.hub.opened.get(ch.pv, 0)}
+            if caps:
+                entry["max_events_per_second"], entry["events_rate_capped"] = caps, ch.skipped()
+            monitors.append(entry)
         doc["monitors"] = monitors
         doc["topics_created"] = sorted(self.io.admin.created)
         doc["topics_purging"] = sorted(self.destinations.purging())   # expired, to be deleted

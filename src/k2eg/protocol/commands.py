@@ -89,12 +89,14 @@ class Monitor(Command):
     name: ClassVar[str] = "monitor"
     pv: PVUri = None  # type: ignore[assignment]
     destination: str = ""
+    max_events_per_second: float | None = None  # ext: rate cap of this destination (None: the gateway's)
 
 
 @dataclass(frozen=True)
 class MultiMonitor(Command):
     name: ClassVar[str] = "multi-monitor"
     pvs: tuple[PVUri, ...] = ()
+    max_events_per_second: float | None = None  # ext: as for Monitor, for each PV
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,23 @@ def _int(doc: dict, key: str, default: int, minimum: int = 0, maximum: int = 86_
     if not minimum <= v <= maximum:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' must be between {minimum} and {maximum}, got {v}")
     return v
+
+
+MAX_RATE = 1_000_000.0
+
+
+def _rate(doc: dict, key: str) -> float | None:
+    """An optional events-per-second cap: a number greater than 0."""
+    v = doc.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' must be a number of events per second, "
+                                                   f"got {_tname(v)}")
+    if not 0 < v <= MAX_RATE:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field '{key}' must be greater than 0 and at most "
+                                                   f"{MAX_RATE:g}, got {v}")
+    return float(v)
 
 
 def _bool(doc: dict, key: str, default: bool) -> bool:
@@ -329,7 +348,7 @@ def _monitor(doc, env):
     dest = _topic(doc, "monitor_dest_topic", required=False) or env["reply_topic"]
     if not dest:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "monitor needs 'monitor_dest_topic' or 'reply_topic'")
-    return Monitor(**env, pv=pv, destination=dest)
+    return Monitor(**env, pv=pv, destination=dest, max_events_per_second=_rate(doc, "max_events_per_second"))
 
 
 def _multi_monitor(doc, env):
@@ -339,7 +358,7 @@ def _multi_monitor(doc, env):
         if why:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"PV '{pv.name[:60]}' cannot have a monitor topic: "
                                                        f"its topic name {why}")
-    return MultiMonitor(**env, pvs=pvs)
+    return MultiMonitor(**env, pvs=pvs, max_events_per_second=_rate(doc, "max_events_per_second"))
 
 
 def _snapshot(doc, env):

@@ -98,3 +98,32 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Callable[[], Recorder]:
     return Recorder
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def check_idle_release(provider: Any, rec: Recorder, open_missing: Callable[[], int]) -> None:
+    """A provider built with a 2 s idle timeout: what nothing uses goes, a monitor's channel stays.
+
+    ``open_missing`` reads names that do not exist and returns the channel count it expects then
+    (the monitor's included).
+    """
+    sub = provider.monitor("channel:counter", rec)
+    assert rec.wait_count(1, 10)
+    expected = open_missing()
+    assert provider.channel_count() == expected
+    assert provider.get("variable:a", 5)["value"] is not None
+    assert wait_until(lambda: provider.channel_count() == 1), provider.channel_count()
+    n = len(rec.events)
+    assert rec.wait_count(n + 3, 10), "the monitor stopped delivering"
+    assert provider.get("variable:a", 5)["value"] is not None  # a released name is opened again on use
+    assert provider.info("channel:long", 5)["structure"]
+    sub.close()
+    assert wait_until(lambda: provider.channel_count() == 0), provider.channel_count()

@@ -11,7 +11,7 @@ from k2eg.gateway.epics.ca import CAProvider
 from k2eg.protocol.errors import ErrorCode
 from k2eg.stack.ioc import DemoIOC
 
-from .conftest import BULK, client_env
+from .conftest import BULK, check_idle_release, client_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -318,6 +318,22 @@ def test_provider_leaves_the_callers_ca_context_alone(demo_ioc):
     finally:
         first.close()
         second.close()
+
+
+def test_channels_nothing_uses_are_cleared_and_a_monitor_keeps_its_own(demo_ioc, recorder):
+    """A misspelled name searches no longer than the idle timeout; a monitored PV's channel stays."""
+    with client_env(demo_ioc):
+        provider = CAProvider(idle_timeout=2.0)
+
+    def open_missing() -> int:
+        with pytest.raises(PVError):
+            provider.get("no:such:record", 0.5)
+        return 2
+
+    try:
+        check_idle_release(provider, recorder(), open_missing)
+    finally:
+        provider.close()
 
 
 # -- IOC restart -------------------------------------------------------------------

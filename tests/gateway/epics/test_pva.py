@@ -11,7 +11,7 @@ from k2eg.gateway.epics.pva import PVAProvider
 from k2eg.protocol.errors import ErrorCode
 from k2eg.stack.ioc import DemoIOC
 
-from .conftest import BULK, client_env
+from .conftest import BULK, check_idle_release, client_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -323,6 +323,25 @@ def test_get_async_of_a_missing_pv_answers_a_timeout_after_the_timeout(pva):
     [(tree, error, thread)] = answers.wait(1, timeout=10)
     assert tree is None and isinstance(error, PVError) and error.code == ErrorCode.TIMEOUT
     assert "no:such:pv:async" in error.message and thread == "pva-get-deadlines"
+
+
+def test_names_nothing_uses_are_forgotten_and_a_monitor_keeps_its_own(demo_ioc, recorder):
+    with client_env(demo_ioc):
+        provider = PVAProvider(idle_timeout=2.0)
+
+    def open_missing() -> int:
+        answers = _Answers()
+        provider.get_async("no:such:pv:idle", 0.3, answers)
+        answers.wait(1, timeout=10)
+        with pytest.raises(PVError):
+            provider.get("no:such:pv:idle2", 0.3)
+        return 3
+
+    try:
+        check_idle_release(provider, recorder(), open_missing)
+        assert "variable:a" not in provider._plans  # its conversion plan went with it
+    finally:
+        provider.close()
 
 
 def test_many_get_async_at_once_are_each_answered_once(pva):

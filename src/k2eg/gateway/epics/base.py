@@ -32,6 +32,23 @@ def connect_timeout(name: str, seconds: float) -> PVError:
     return PVError(ErrorCode.TIMEOUT, f"PV '{name}' did not connect within {seconds:g} s")
 
 
+INVALID = 3  # alarm severity of a value the gateway cannot vouch for
+DISCONNECTED = "disconnected"  # alarm message of the event that says a PV is gone (PROTOCOL 4)
+
+
+def disconnected(last: ValueTree | None, status: int, why: str = DISCONNECTED) -> ValueTree:
+    """The event a monitor's subscribers get while its PV is away: the last value (if it ever had one)
+    with an INVALID alarm saying why. ``status`` is the protocol's own (CA COMM, PVA CLIENT)."""
+    tree = {} if last is None else dict(last)
+    tree["alarm"] = {"severity": INVALID, "status": status, "message": why}
+    return tree
+
+
+def is_disconnected(tree: ValueTree | None) -> bool:
+    alarm = tree.get("alarm") if isinstance(tree, dict) else None
+    return isinstance(alarm, dict) and alarm.get("message") == DISCONNECTED and alarm.get("severity") == INVALID
+
+
 # -- callbacks on threads Python did not start (libca, pvxs) ---------------------
 _pinned = threading.local()  # per Python thread state: set once the state is pinned
 
@@ -123,6 +140,7 @@ class Provider(Protocol):
     """
 
     protocol: str  # "pva" or "ca"
+    disconnected_status: int  # alarm status of its disconnected events (``disconnected``)
 
     def get(self, name: str, timeout: float) -> ValueTree: ...
 

@@ -11,7 +11,8 @@ monitor updates are decoded straight from the DBR buffer.
 Each provider owns a preemptive-callback CA context created from the process
 environment when the provider is built (libca reads EPICS_CA_* then), so a
 gateway or a test sets the environment first; channels are cached per name
-within the provider.
+within the provider, and cleared once nothing used them for ``idle_timeout``
+(a monitor keeps its own).
 
 A CA value tree uses the PVA NTScalar field names: ``value, alarm,
 timeStamp`` from the DBR_TIME_* monitor, ``display, control, valueAlarm``
@@ -44,14 +45,13 @@ from epics import ca, dbr
 
 from k2eg.protocol.errors import ErrorCode
 
-from .base import EventCallback, PVError, ValueTree, connect_timeout, pin_thread_state, share
+from .base import EventCallback, PVError, ValueTree, connect_timeout, disconnected, pin_thread_state, share
 
 __all__ = ["CAProvider", "CASubscription"]
 
 _log = logging.getLogger(__name__)
 
 EPICS_EPOCH = 631152000  # 1990-01-01 in POSIX seconds
-INVALID = 3
 DISCONNECTED_STATUS = 9  # COMM
 DESC_TIMEOUT = 1.0  # a server without records (no .DESC) delays readiness at most this long
 # A lost server is searched for this often. libca's own search backoff for a
@@ -60,6 +60,9 @@ DESC_TIMEOUT = 1.0  # a server without records (no .DESC) delays readiness at mo
 # searches at once, and when it connects its server's channels are renewed.
 PROBE_PERIOD = 1.0
 RENEW_WAIT = 2.0  # longest a renewal waits for subscription calls in flight on the old channel
+# Every name ever read would otherwise keep a channel (and a misspelled one its search traffic) for
+# the life of the process: channels nothing used for this long are cleared; a monitor keeps its own.
+IDLE_TIMEOUT = 300.0
 
 # epicsAlarmConditionStrings; message "" for NO_ALARM like QSRV.
 ALARM_STATUS = (
@@ -308,6 +311,9 @@ class _Channel:
         self.renewing = False
         self.gen = 0  # bumped per renewal: evids of an older generation died with their chid
         self.busy = 0  # subscription calls in flight on the current chid
+        # Idle release, under the provider's _lock: operations holding it, and when the last one ended.
+        self.users = 0
+        self.used = time.monotonic()
 
     def _connection(self, up: bool, chid: int) -> None:
         self.provider._connection(self, up, chid)
@@ -455,9 +461,7 @@ class CASubscription:
             last, self._last = self._last, None
             if last is None or self._closed:
                 return
-            tree = dict(last)
-            tree["alarm"] = {"severity": INVALID, "status": DISCONNECTED_STATUS, "message": "disconnected"}
-            self._call(tree)
+            self._call(disconnected(last, DISCONNECTED_STATUS))
 
     def _call(self, tree: ValueTree) -> None:
         try:
@@ -484,8 +488,12 @@ class CAProvider:
     """
 
     protocol = "ca"
+    disconnected_status = DISCONNECTED_STATUS
 
-    def __init__(self):
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT):
+        """``idle_timeout``: a channel no get, put, info or monitor used for this many seconds is cleared."""
+        self._idle_timeout = idle_timeout
+        self._next_sweep = time.monotonic()
         self._lib = _libca()
         self._ctx = self._create_context()
         self._channels: dict[str, _Channel] = {}
@@ -545,15 +553,29 @@ class CAProvider:
                 lib.attach_context(previous)
 
     # channels ----------------------------------------------------------------
+    @contextmanager
+    def _using(self, name: str) -> Iterator[_Channel]:
+        """The channel of ``name``, never cleared as idle while the caller holds it."""
+        with self._attached():
+            ch = self._channel(name)
+        try:
+            yield ch
+        finally:
+            with self._lock:
+                ch.users -= 1
+                ch.used = time.monotonic()
+
     def _channel(self, name: str) -> _Channel:
-        """Under _attached()."""
+        """Under _attached(); counted as a user of the channel (``_using`` gives it back)."""
         with self._lock:
             if self._closed:
                 raise PVError(ErrorCode.EPICS_FAILED, "CA provider is closed")
             ch = self._channels.get(name)
             if ch is not None:
+                ch.users += 1
                 return ch
             ch = self._channels[name] = _Channel(self, name)
+            ch.users += 1
             chid = ctypes.c_void_p()
             ret = self._lib.create_channel(name.encode(), _CONN_CB, ch, 0, ctypes.byref(chid))
             if ret != dbr.ECA_NORMAL:
@@ -703,6 +725,10 @@ class CAProvider:
             except Exception:
                 _log.exception("CA reconnect nudge failed")
             try:
+                self._release_idle()
+            except Exception:
+                _log.exception("CA idle channel release failed")
+            try:
                 with self._work_lock:
                     work = list(self._desc_work)
                 if not work:
@@ -803,19 +829,24 @@ class CAProvider:
                 ch.chid = chid.value
 
     # operations ----------------------------------------------------------------
-    def _wait_ready(self, name: str, timeout: float) -> tuple[_Channel, float]:
+    @staticmethod
+    def _wait_ready(ch: _Channel, timeout: float) -> float:
+        """The deadline of an operation of ``timeout`` once ``ch`` is ready for it."""
         deadline = time.monotonic() + timeout
-        with self._attached():
-            ch = self._channel(name)
         if not ch.ready.wait(timeout):
             if ch.connected.is_set():
                 raise PVError(ErrorCode.TIMEOUT,
-                              f"PV '{name}' connected but its metadata did not arrive within {timeout:g} s")
-            raise connect_timeout(name, timeout)
-        return ch, deadline
+                              f"PV '{ch.name}' connected but its metadata did not arrive within {timeout:g} s")
+            raise connect_timeout(ch.name, timeout)
+        return deadline
 
     def get(self, name: str, timeout: float) -> ValueTree:
-        ch, deadline = self._wait_ready(name, timeout)
+        with self._using(name) as ch:
+            return self._read(ch, timeout)
+
+    def _read(self, ch: _Channel, timeout: float) -> ValueTree:
+        name = ch.name
+        deadline = self._wait_ready(ch, timeout)
         req = _Request(ch, "time")
         self._issue(name, "get", req, deadline, timeout,
                     lambda: self._lib.array_get_callback(ch.time_type(), 0, ch.chid, _GET_CB, req))
@@ -841,20 +872,25 @@ class CAProvider:
         if extra:
             raise PVError(ErrorCode.EPICS_FAILED,
                           f"PV '{name}': CA can only write 'value', not {', '.join(map(repr, extra))}")
-        ch, deadline = self._wait_ready(name, timeout)
-        try:
-            ftype, count, data = _put_buffer(ch, value["value"])
-        except (TypeError, ValueError, OverflowError) as e:
-            raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot put {value['value']!r}: {e}") from None
-        req = _PutRequest(data, self._inflight)
-        self._issue(name, "put", req, deadline, timeout,
-                    lambda: self._lib.array_put_callback(ftype, count, ch.chid, ctypes.addressof(data), _PUT_CB, req))
+        with self._using(name) as ch:
+            deadline = self._wait_ready(ch, timeout)
+            try:
+                ftype, count, data = _put_buffer(ch, value["value"])
+            except (TypeError, ValueError, OverflowError) as e:
+                raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': cannot put {value['value']!r}: {e}") from None
+            req = _PutRequest(data, self._inflight)
+            self._issue(name, "put", req, deadline, timeout,
+                        lambda: self._lib.array_put_callback(ftype, count, ch.chid, ctypes.addressof(data), _PUT_CB,
+                                                             req))
         if req.status != dbr.ECA_NORMAL:
             raise PVError(ErrorCode.EPICS_FAILED, f"PV '{name}': put failed: {_message(req.status)}")
 
     def info(self, name: str, timeout: float) -> dict[str, Any]:
-        tree = self.get(name, timeout)
-        ch = self._channels[name]
+        with self._using(name) as ch:
+            return self._info_of(ch, self._read(ch, timeout))
+
+    def _info_of(self, ch: _Channel, tree: ValueTree) -> dict[str, Any]:
+        name = ch.name
         with self._attached():
             host = self._lib.host_name(ch.chid)
             read = bool(self._lib.read_access(ch.chid))
@@ -871,8 +907,7 @@ class CAProvider:
         }
 
     def monitor(self, name: str, on_event: EventCallback) -> CASubscription:
-        with self._attached():
-            ch = self._channel(name)
+        with self._using(name) as ch, self._attached():
             sub = CASubscription(ch, on_event)
             with ch.lock:
                 ch.subs.append(sub)
@@ -881,11 +916,49 @@ class CAProvider:
                 sub._subscribe()
         return sub
 
+    # idle channels -------------------------------------------------------------
+    def channel_count(self) -> int:
+        """CA channels open (each searching while its PV is not found)."""
+        return len(self._channels)
+
+    def _release_idle(self) -> None:
+        """Janitor: clear channels no operation holds, no monitor uses, and nothing used for ``idle_timeout``."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(max(self._idle_timeout / 4, 0.2), 5.0)
+        with self._lock:
+            if self._closed:
+                return
+            idle = [ch for ch in self._channels.values()
+                    if not ch.users and not ch.subs and now - ch.used >= self._idle_timeout]
+            for ch in idle:  # from here on nobody can take it: a new user makes a new channel
+                del self._channels[ch.name]
+        if not idle:
+            return
+        with self._attached():
+            for ch in idle:
+                with ch.lock:
+                    link, ch.desc = ch.desc, None
+                    chid = ch.chid
+                for c in (link.chid if link else None, chid):
+                    if c is not None:
+                        self._lib.clear_channel(c)  # no callback of it comes after this returns
+                with self._work_lock:
+                    self._desc_work.discard(ch)
+                    self._lost.get(ch.host, set()).discard(ch)
+                for req in [r for r in list(self._inflight) if getattr(r, "channel", None) is ch]:
+                    self._inflight.discard(req)  # cleared with the channel: its callback never comes
+            self._lib.flush_io()
+        _log.info("CA: %d channels unused for %g s cleared (%s%s)", len(idle), self._idle_timeout,
+                  ", ".join(ch.name for ch in idle[:5]), ", ..." if len(idle) > 5 else "")
+
     def _unsubscribe(self, sub: CASubscription, evid: int | None) -> None:
         ch = sub._channel
         with ch.lock:
             if sub in ch.subs:
                 ch.subs.remove(sub)
+        ch.used = time.monotonic()  # idle from now on
         if evid is None or self._closed:
             return
         with self._work_lock:

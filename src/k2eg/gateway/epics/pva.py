@@ -31,14 +31,16 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from p4p import Value
 from p4p.client.raw import Context, Disconnected, Finished, RemoteError
 
 from k2eg.protocol.errors import ErrorCode
 
-from .base import Deadlines, EventCallback, GetDone, PVError, ValueTree, connect_timeout, pin_thread_state, share
+from .base import (Deadlines, EventCallback, GetDone, PVError, ValueTree, connect_timeout, disconnected,
+                   pin_thread_state, share)
 
 __all__ = ["PVAProvider", "PVASubscription", "value_tree", "structure_of"]
 
@@ -46,7 +48,6 @@ _log = logging.getLogger(__name__)
 
 # NT alarm status "CLIENT": the client, not the server, says the PV is gone.
 DISCONNECTED_STATUS = 7
-INVALID = 3
 _BATCH = 16  # updates drained per turn before other subscriptions get theirs
 # pvxs' default monitor queue (4) squashed ~4% of 10 Hz updates when the dispatcher
 # fell ~0.5 s behind on a loaded machine (soak, issue 7); entries cost memory only
@@ -60,6 +61,10 @@ MONITOR_QUEUE_SIZE = 64
 # to hurry.
 PROBE_PERIOD = 1.0
 HURRY_HOLDOFF = 30.0  # pvxs ignores hurryUp() this long after the last one: no point probing meanwhile
+# A name read once stays in pvxs' channel cache (and searches while not found) until cleared; pvxs
+# itself drops channels no operation used for two of its 10 s sweeps. The provider forgets names
+# (channel and conversion plan) nothing used for this long; a monitor keeps its own.
+IDLE_TIMEOUT = 300.0
 
 _CODE_NAMES = {
     "?": "boolean", "s": "string", "b": "int8", "B": "uint8", "h": "int16", "H": "uint16",
@@ -440,9 +445,7 @@ class PVASubscription:
             self._provider._down(self)
         if not was or last is None:
             return
-        tree = dict(last)
-        tree["alarm"] = {"severity": INVALID, "status": DISCONNECTED_STATUS, "message": why}
-        self._call(tree)
+        self._call(disconnected(last, DISCONNECTED_STATUS, why))
 
     def _call(self, tree: ValueTree) -> None:
         try:
@@ -475,12 +478,14 @@ class _AsyncGet:
         self.settled = False
         self._claims = itertools.count()
         self.op = None
+        provider._use(name)
         self.ticket = provider._deadlines.add(timeout, self.expired)
         try:
             self.op = provider._ctx.get(name, self.completed)
         except Exception:
             if self._claim():  # else the deadline has answered already
                 provider._deadlines.cancel(self.ticket)
+                provider._used(name)
                 raise
         if self.settled:  # answered before ctx.get() returned (the GIL is let go inside)
             self.op = None
@@ -516,6 +521,7 @@ class _AsyncGet:
         self._answer(None, connect_timeout(self.name, self.timeout))
 
     def _answer(self, tree: ValueTree | None, error: Exception | None) -> None:
+        self.provider._used(self.name)
         try:
             self.done(tree, error)
         except Exception:
@@ -527,9 +533,14 @@ class PVAProvider:
     """PVA gets, puts, info and monitors over one p4p client Context."""
 
     protocol = "pva"
+    disconnected_status = DISCONNECTED_STATUS
 
-    def __init__(self, conf: dict[str, str] | None = None, monitor_queue_size: int | None = MONITOR_QUEUE_SIZE):
-        """``conf`` overrides EPICS_PVA_* from the environment (tests, embedding)."""
+    def __init__(self, conf: dict[str, str] | None = None, monitor_queue_size: int | None = MONITOR_QUEUE_SIZE,
+                 idle_timeout: float = IDLE_TIMEOUT):
+        """``conf`` overrides EPICS_PVA_* from the environment (tests, embedding); ``idle_timeout``: a
+        name no get, put or info used for this many seconds is forgotten (unless monitored)."""
+        self._idle_timeout = idle_timeout
+        self._names: dict[str, list] = {}  # name -> [operations in flight, when the last one ended], under _lock
         self._ctx = Context("pva", conf=conf, useenv=True, nt=False)
         self._probe_conf = self._ctx._ctxt.conf()  # the probe must search where the main Context does
         self._dispatcher = _Dispatcher("pva-monitor-dispatch")
@@ -549,8 +560,57 @@ class PVAProvider:
         self._monitor_request = (Context.makeRequest(f"field()record[queueSize={int(monitor_queue_size)}]")
                                  if monitor_queue_size else None)
 
+    # channels in use -------------------------------------------------------------
+    def _use(self, name: str) -> None:
+        with self._lock:
+            entry = self._names.get(name)
+            if entry is None:
+                entry = self._names[name] = [0, 0.0]
+            entry[0] += 1
+
+    def _used(self, name: str) -> None:
+        with self._lock:
+            entry = self._names.get(name)
+            if entry is not None:
+                entry[0] -= 1
+                entry[1] = time.monotonic()
+
+    @contextmanager
+    def _using(self, name: str) -> Iterator[None]:
+        self._use(name)
+        try:
+            yield
+        finally:
+            self._used(name)
+
+    def channel_count(self) -> int:
+        """Names with a channel: read, written or described lately, or monitored."""
+        with self._lock:
+            return len(self._names.keys() | {sub.name for sub in self._subs})
+
+    def _release_idle(self) -> None:
+        """Reconnect thread: forget names nothing used for ``idle_timeout`` and no monitor uses."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [n for n, (busy, last) in self._names.items() if not busy and now - last >= self._idle_timeout]
+            if idle:
+                monitored = {sub.name for sub in self._subs}
+                idle = [n for n in idle if n not in monitored]
+                for n in idle:
+                    del self._names[n]
+        for n in idle:
+            self._plans.pop(n, None)
+            self._ctx.disconnect(n)  # pvxs closes the channel once no operation holds it
+        if idle:
+            _log.info("PVA: %d channels unused for %g s cleared (%s%s)", len(idle), self._idle_timeout,
+                      ", ".join(idle[:5]), ", ..." if len(idle) > 5 else "")
+
     # operations ---------------------------------------------------------------
     def _get_value(self, name: str, timeout: float) -> Value:
+        with self._using(name):
+            return self._get_value_of(name, timeout)
+
+    def _get_value_of(self, name: str, timeout: float) -> Value:
         self._check_open()
         done = threading.Lock()  # a one-shot latch: an Event builds a Condition per get (py-spy, 32 threads)
         done.acquire()
@@ -629,14 +689,15 @@ class PVAProvider:
             box.append(result)
             done.set()
 
-        op = self._ctx.put(name, on_done, builder=build, request="field()record[block=true]", get=True)
-        try:
-            if not done.wait(timeout):
-                if state["connected"]:
-                    raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': put did not complete within {timeout:g} s")
-                raise connect_timeout(name, timeout)
-        finally:
-            op.close()
+        with self._using(name):
+            op = self._ctx.put(name, on_done, builder=build, request="field()record[block=true]", get=True)
+            try:
+                if not done.wait(timeout):
+                    if state["connected"]:
+                        raise PVError(ErrorCode.TIMEOUT, f"PV '{name}': put did not complete within {timeout:g} s")
+                    raise connect_timeout(name, timeout)
+            finally:
+                op.close()
         result = box[0]
         if isinstance(result, Exception):
             why = state["refused"] or _why(result)
@@ -686,6 +747,10 @@ class PVAProvider:
     def _reconnect_loop(self) -> None:
         turn, quiet_until = 0, 0.0
         while not self._stop.wait(PROBE_PERIOD):
+            try:
+                self._release_idle()
+            except Exception:
+                _log.exception("PVA idle channel release failed")
             with self._lock:
                 names = sorted(self._lost)
             if not names or time.monotonic() < quiet_until:
