@@ -34,6 +34,12 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from k2eg.extras import missing_extra
+
+    why = missing_extra("k2eg-gateway")
+    if why is not None:  # installed without the EPICS libraries: one sentence, not an import traceback
+        print(why, file=sys.stderr)
+        return 2
     try:
         opts = O.parse(argv)
     except O.OptionError as e:
