@@ -1,11 +1,19 @@
 """Put access control: an ordered rules file, first match wins, like EPICS gateway access files.
 
-Each line: ``ALLOW|DENY <pv-regex> [<app-regex>]``; regexes must match the
-whole PV name (as written after ``://``, any ``.FIELD`` included) and the
-client's app name (its reply topic without ``-reply``). A PV that no rule
-matches is denied: a rules file is an allow-list. The app name comes from
-the command and is not authenticated; authenticate clients at the Kafka
-level (SASL ACLs on the command topic) where that matters.
+Each line: ``ALLOW|DENY <pv-regex> [<app-regex>]``; regexes must match a
+whole name and the client's app name (its reply topic without ``-reply``).
+A PV that no rule matches is denied: a rules file is an allow-list. The app
+name comes from the command and is not authenticated; authenticate clients
+at the Kafka level (SASL ACLs on the command topic) where that matters.
+
+A rule about a record governs every field of it: a put to ``REC.FIELD`` is
+checked under the names ``REC.FIELD`` and ``REC``, so ``DENY MAG:1`` stops
+``MAG:1.PROC`` too, whatever the protocol (CA and PVA both address a field as
+``REC.FIELD`` after ``://``). A put without a field writes the record's VAL,
+so it is also checked as ``REC.VAL``. Field names are compared upper-cased,
+as the IOC spells them. First match wins as before: a rule about one field
+(``DENY MAG:1\\.PROC``) decides for that field only if it comes before the
+record's rule.
 """
 from __future__ import annotations
 
@@ -47,6 +55,17 @@ def parse_rules(text: str, source: str = "rules") -> list[Rule]:
     return rules
 
 
+def governed_names(name: str) -> tuple[str, ...]:
+    """The names a put to channel ``name`` is checked under: as written, its record, and its field.
+
+    ``REC`` -> (REC, REC.VAL); ``REC.fld`` -> (REC.fld, REC.FLD, REC). The record is the part before
+    the first '.', as for PVUri.record.
+    """
+    record, dot, fld = name.partition(".")
+    field_name = f"{record}.{fld.upper()}" if dot else f"{record}.VAL"
+    return tuple(dict.fromkeys((name, field_name, record)))
+
+
 def app_of(reply_topic: str | None) -> str:
     if not reply_topic:
         return ""
@@ -76,11 +95,14 @@ class PutPolicy:
             raise ProtocolError(ErrorCode.DENIED, f"put to '{pv_name}' denied: the gateway is read-only")
         if self.rules is None:
             return
+        names = governed_names(pv_name)
         for rule in self.rules:
-            if rule.pv.fullmatch(pv_name) and rule.app.fullmatch(app):
+            matched = next((n for n in names if rule.pv.fullmatch(n)), None) if rule.app.fullmatch(app) else None
+            if matched is not None:
                 if rule.allow:
                     return
+                about = "" if matched == pv_name else f" (a rule about {matched} governs {pv_name})"
                 raise ProtocolError(ErrorCode.DENIED, f"put to '{pv_name}' by '{app}' denied by rule "
-                                                      f"{self.source}:{rule.line} '{rule.text}'")
+                                                      f"{self.source}:{rule.line} '{rule.text}'{about}")
         raise ProtocolError(ErrorCode.DENIED, f"put to '{pv_name}' by '{app}' denied: no rule in {self.source} "
                                               "allows it")
