@@ -14,6 +14,8 @@ from k2eg import OperationError
 from k2eg.dml import dml
 from k2eg.stack.ports import free_port
 
+from ..stacks import extra_gateway
+
 pytestmark = pytest.mark.e2e
 
 RULES = """
@@ -31,27 +33,10 @@ def ops_gateway(stack, tmp_path_factory):
     (d / "rules.acl").write_text(RULES)
     (d / "ops.ini").write_text(f"[DEFAULT]\nkafka_broker_url={stack.bootstrap}\nk2eg_cmd_topic=k2eg-cmd-ops\n")
     port = free_port()
-    env = {**os.environ, **stack.client_env()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "k2eg.gateway", "--cmd-input-topic", "k2eg-cmd-ops",
-         "--sub-server-address", stack.bootstrap, "--pub-server-address", stack.bootstrap,
-         "--sub-group-id", "k2eg-ops", "--pv-connection-timeout", "2", "--metric-enable", "true",
-         "--metric-server-http-port", str(port), "--access-rules", str(d / "rules.acl")],
-        env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump():
-        for line in proc.stderr:
-            lines.append(line)
-            if "k2eg gateway ready" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    assert ready.wait(60), "".join(lines[-20:])
-    yield {"dir": d, "port": port, "log": lines, "proc": proc}
-    proc.terminate()
-    proc.wait(20)
+    with extra_gateway(stack.bootstrap, "k2eg-cmd-ops", "--metric-enable", "true", "--metric-server-http-port",
+                       str(port), "--access-rules", str(d / "rules.acl"), env=stack.client_env(),
+                       group="k2eg-ops") as gw:
+        yield {"dir": d, "port": port, **gw}
 
 
 @pytest.fixture

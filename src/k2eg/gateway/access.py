@@ -18,10 +18,13 @@ record's rule.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from k2eg.protocol.errors import ErrorCode, ProtocolError
+from k2eg.protocol.uri import gateway_status_topic
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,85 @@ class PutPolicy:
                                                       f"{self.source}:{rule.line} '{rule.text}'{about}")
         raise ProtocolError(ErrorCode.DENIED, f"put to '{pv_name}' by '{app}' denied: no rule in {self.source} "
                                               "allows it")
+
+
+# ----------------------------------------------------------------------------- topics a sender may name
+
+KAFKA_INTERNAL_PREFIX = "__"   # __consumer_offsets, __transaction_state, __cluster_metadata, ...
+
+
+class Unanswerable(ProtocolError):
+    """A command's reply topic may not or cannot be written: nobody can be told, so it is logged and counted."""
+
+
+class TopicGuard:
+    """Which topics a sender may make the gateway write to, and how many reply topics it creates for them.
+
+    A sender names reply topics, monitor destinations and (through the snapshot
+    name) snapshot topics. None may be one of the gateway's own topics (its
+    commands, state, status beacons, put journal, anything named
+    ``<cmd-topic>-gateway-*``) or a Kafka internal one (``__*``): a reply there
+    would be read back as a command, or corrupt the gateway's state or the
+    cluster's bookkeeping. Reply topics the gateway creates are capped
+    (``--max-reply-topics``); an existing one never counts.
+    """
+
+    def __init__(self, owned: dict[str, str], owned_prefix: str, max_reply_topics: int):
+        self.owned = {topic: role for role, topic in owned.items() if topic}
+        self.owned_prefix = owned_prefix
+        self.max_reply_topics = max_reply_topics
+        self.reply_topics: set[str] = set()   # reply topics this gateway created
+        self.refused = 0                      # commands whose reply topic could not be created (over the cap)
+        self._creating = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_options(cls, opts) -> "TopicGuard":
+        cmd = opts.cmd_input_topic
+        owned = {"command": cmd, "state": opts.state_topic, "status": gateway_status_topic(cmd),
+                 # hook: the put journal's option, once the gateway has one
+                 "put journal": opts.values.get("put_journal_topic") or ""}
+        return cls(owned, f"{cmd}-gateway-", opts.max_reply_topics)
+
+    def refusal(self, topic: str) -> str | None:
+        """Why a sender may not name ``topic``, or None."""
+        role = self.owned.get(topic)
+        if role is not None:
+            return f"'{topic}' is this gateway's {role} topic"
+        if topic.startswith(self.owned_prefix):
+            return f"'{topic}' is a topic of this gateway (names starting with '{self.owned_prefix}')"
+        if topic.startswith(KAFKA_INTERNAL_PREFIX):
+            return f"'{topic}' is a Kafka internal topic (names starting with '{KAFKA_INTERNAL_PREFIX}')"
+        return None
+
+    def check_destination(self, what: str, topic: str) -> None:
+        why = self.refusal(topic)
+        if why is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} may not be topic {why}")
+
+    def ensure_reply_topic(self, topic: str, ensure: Callable[[list[str]], list[str]],
+                           exists: Callable[[str], bool]) -> None:
+        """Make a reply topic the topic admin does not know yet exist, within the cap; Unanswerable beyond it."""
+        why = self.refusal(topic)
+        if why is not None:
+            raise Unanswerable(ErrorCode.BAD_REQUEST, f"reply topic refused: {why}")
+        with self._lock:
+            again = topic in self.reply_topics   # ours, deleted from outside since: made again, not counted twice
+            room = again or len(self.reply_topics) + self._creating < self.max_reply_topics
+            if room:
+                self._creating += 1
+        if not room:
+            if exists(topic):   # somebody else made it: nothing to create
+                return
+            with self._lock:
+                self.refused += 1
+            raise Unanswerable(ErrorCode.BAD_REQUEST,
+                               f"reply topic '{topic}' refused: the gateway created {self.max_reply_topics} reply "
+                               f"topics already (--max-reply-topics); create it yourself, or reuse an app name")
+        made: list[str] = []
+        try:
+            made = ensure([topic])
+        finally:
+            with self._lock:
+                self._creating -= 1
+                self.reply_topics.update(made)

@@ -71,6 +71,7 @@ _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbyt
 TooLarge = Callable[[int, str], None]  # (record size in bytes, Kafka's reason)
 Settled = Callable[[], None]           # after a record's delivery report, whatever it said
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
+_GONE = (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)   # the topic was deleted
 
 
 def too_large(size: int, topic: str, why: str, batch: bool = True) -> str:
@@ -251,8 +252,14 @@ class KafkaIO:
 
     def _failed(self, topic: str, size: int, why: object) -> None:
         self.delivery_failed += 1
+        self._forget_if_gone(topic, why)
         self._lost(topic)
         log.error("record of %d bytes to %s lost: %s", size, topic, why)
+
+    def _forget_if_gone(self, topic: str, why: object) -> None:
+        """A topic deleted from outside: the topic admin forgets it, so the next ``ensure`` creates it again."""
+        if isinstance(why, KafkaError) and why.code() in _GONE:
+            self.admin.forget(topic)
 
     def _resend_next(self) -> None:
         """Poll thread: the next refused reply goes out while no other one is in flight, so it is not
@@ -278,6 +285,7 @@ class KafkaIO:
         if err is None:
             return
         self.delivery_failed += 1
+        self._forget_if_gone(msg.topic(), err)
         self._lost(msg.topic())
         self._warn("event-delivery", "monitor event to %s lost: %s", msg.topic(), err)
 

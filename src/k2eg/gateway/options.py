@@ -118,6 +118,9 @@ SPECS: tuple[Spec, ...] = (
                                          "default <cmd-input-topic>-gateway-state; one gateway per topic (ext)"),
     Spec("access-rules", default="", help="put access rules file (ext)"),
     Spec("read-only", _bool, False, "refuse every put (ext)"),
+    Spec("max-reply-topics", _positive(int), 1000,
+         "reply topics the gateway creates for senders; beyond it a command whose reply topic does not exist "
+         "is not run, only logged and counted (ext)"),
 )
 
 # Options of the C++ gateway's own internals (its ProgramOptions.h, plus spellings of

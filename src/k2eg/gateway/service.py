@@ -25,7 +25,7 @@ from .expiry import PURGE_DELETES, Destinations, ExpiryChecker, PurgeStep
 from .kafka import KafkaIO, too_large
 from .memory import Trimmer
 from .monitors import MonitorHub
-from .access import PutPolicy, app_of
+from .access import PutPolicy, TopicGuard, Unanswerable, app_of
 from .options import Options
 from .snapshots import SnapshotManager
 from .state import MonitorState, SnapshotState, State, StateStore, monitor_key
@@ -91,10 +91,12 @@ class Gateway:
         self.memory = Trimmer()
         self.hub = MonitorHub(providers, self._publish_bytes, self.memory.changed)
         self.workers = Workers(opts.command_workers, "k2eg-cmd")
-        self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0}
+        self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0,
+                                         "reply_topic_refused": 0}
         self.operations: dict[tuple[str, str], int] = {}   # (command, ok|error) -> n, for metrics
         self.puts_denied = 0
         self.policy = PutPolicy.from_options(opts.access_rules, opts.read_only)
+        self.topic_guard = TopicGuard.from_options(opts)
         self.started = time.time()
         self.identity = gateway_identity(opts.cmd_input_topic)
         self.rates = RateMeter()
@@ -126,7 +128,7 @@ class Gateway:
         """Send ``record`` to the command's reply topic, created if missing; without one, nothing to do."""
         if not cmd.reply_topic:
             return
-        self.io.ensure_topics([cmd.reply_topic])
+        self._reply_topic_ready(cmd.reply_topic)
         refused = None if record.get("error") else partial(self._reply_too_large, cmd, key)
         self.io.publish(cmd.reply_topic, key, record, cmd.serialization, value_key, refused)
 
@@ -145,6 +147,11 @@ class Gateway:
         log.info("%s failed (reply_id %s): %s", cmd.name or "command", _short(cmd.reply_id, 80), _loggable(message))
         try:
             self.reply(cmd, replies.error(cmd.reply_id, code, message), key)
+        except Unanswerable as e:
+            self._count("unanswerable")
+            self._count("reply_topic_refused")
+            log.warning("cannot answer %s (reply_id %s): %s", cmd.name or "command", _short(cmd.reply_id, 80),
+                        _loggable(e.message))
         except ProtocolError as e:
             log.error("cannot answer %s on %s: %s", cmd.name or "command", cmd.reply_topic, e.message)
 
@@ -218,9 +225,29 @@ class Gateway:
             return replies.STATUS_KEY
         return replies.PARSE_ERROR_KEY
 
+    def _reply_topic_ready(self, topic: str) -> None:
+        """``topic`` may take replies and exists (created within --max-reply-topics); Unanswerable otherwise."""
+        if self.io.admin.missing((topic,)) or self.topic_guard.refusal(topic):
+            self.topic_guard.ensure_reply_topic(topic, self.io.ensure_topics, self.io.admin.exists)
+
+    def _admit(self, cmd: C.Command) -> None:
+        """Before a command runs: its reply topic can be answered on, and it writes to no topic a sender may
+        not name (the gateway's own, Kafka's internal ones)."""
+        if cmd.reply_topic:
+            self._reply_topic_ready(cmd.reply_topic)
+        if isinstance(cmd, C.Monitor):
+            self.topic_guard.check_destination("monitor_dest_topic", cmd.destination)
+        elif isinstance(cmd, C.MultiMonitor):
+            for pv in cmd.pvs:
+                self.topic_guard.check_destination(f"the monitor topic of {pv.uri}", pv.topic)
+        elif isinstance(cmd, C.RepeatingSnapshot):
+            self.topic_guard.check_destination(f"snapshot '{cmd.snapshot_name}'s publishing topic",
+                                               snapshot_topic(cmd.snapshot_name))
+
     def _run(self, handler: Callable[..., None], cmd: C.Command, *args: Any) -> None:
         ok = False
         try:
+            self._admit(cmd)
             handler(cmd, *args)
             ok = True
         except ProtocolError as e:
@@ -407,8 +434,22 @@ class Gateway:
     def start_expiry(self) -> ExpiryChecker:
         """The thread that stops monitors nobody consumes (PROTOCOL 6)."""
         self.expiry = ExpiryChecker(self.io.admin.client, self.destinations, self.expiry_timeout, self.expire,
-                                    self.opts.nc_monitor_consumer_filterout_regex, purge=self.purge).start()
+                                    self.opts.nc_monitor_consumer_filterout_regex, purge=self.purge,
+                                    recreate=self.recreate_destinations).start()
         return self.expiry
+
+    def recreate_destinations(self) -> None:
+        """Monitor destinations the topic admin forgot (a delivery found one deleted from outside) are
+        created again, with the expiry lock held as when a monitor command creates them."""
+        with self.destinations.lock:
+            gone = self.io.admin.missing(self.destinations.topics())
+            if gone:
+                try:
+                    self.io.ensure_topics(gone)
+                    log.warning("monitor destinations deleted from outside created again: %s",
+                                ", ".join(gone[:20]) + (", ..." if len(gone) > 20 else ""))
+                except ProtocolError as e:
+                    log.warning("cannot create deleted monitor destinations again: %s", e.message)
 
     def expire(self, topic: str) -> None:
         """Stop every monitor feeding ``topic``; delete the topic if it was created for them and purging is on."""
