@@ -51,7 +51,11 @@ _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
 # Replies: one command waits for each, so no lingering; but one request in flight, so that
 # replies produced meanwhile share the next request: batching that grows with load and costs
 # nothing when idle (broker CPU per get 650-725 -> 260-305 us: bench/EXPERIMENTS.md row 25).
+# A topic deleted from outside fails the records queued for it after topic.metadata.propagation.max.ms
+# (30 s by default, all of them lost); TopicAdmin.ensure waits until the broker serves a new topic before
+# anything is produced to it, so replies need little propagation slack.
 _REPLY = {"linger.ms": 0, "socket.nagle.disable": True, "max.in.flight.requests.per.connection": 1,
+          "topic.metadata.propagation.max.ms": 3000,
           "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
 # Monitor events: throughput (the broker's CPU per record falls with fuller requests:
 # bench/EXPERIMENTS.md); only failures come back as delivery reports. Queue bounds are
@@ -71,7 +75,8 @@ _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbyt
 TooLarge = Callable[[int, str], None]  # (record size in bytes, Kafka's reason)
 Settled = Callable[[], None]           # after a record's delivery report, whatever it said
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
-_GONE = (KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)   # the topic was deleted
+# The topic was deleted (librdkafka fails records queued for it with _UNKNOWN_PARTITION, then refuses new ones).
+_GONE = (KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
 def too_large(size: int, topic: str, why: str, batch: bool = True) -> str:
@@ -341,10 +346,20 @@ class KafkaIO:
         report = (self._delivered if on_too_large is None and on_settled is None
                   else partial(self._delivered, on_too_large=on_too_large, on_settled=on_settled))
         producer = self.replies if on_settled is None and self.latency is None else self.reported
+        recreated = False
         while True:
             try:
                 producer.produce(topic, payload, key, headers=header_value(ser), on_delivery=report)
             except KafkaException as e:
+                if e.args[0].code() in _GONE and time.monotonic() < deadline and self._running:
+                    # Deleted from outside: created again; librdkafka sees it at its next metadata query (~1 s).
+                    if not recreated:
+                        self.admin.forget(topic)
+                        self.ensure_topics([topic])
+                        recreated = True
+                        log.warning("topic %s was deleted from outside: created again", topic)
+                    time.sleep(0.1)
+                    continue
                 if e.args[0].code() not in _TOO_LARGE:
                     raise
                 self._lost(topic)
@@ -375,6 +390,7 @@ class KafkaIO:
             except BufferError:
                 pass
             except KafkaException as e:  # e.g. a record above message.max.bytes: this event only
+                self._forget_if_gone(topic, e.args[0])   # deleted from outside: the expiry round creates it again
                 self._lost(topic)
                 self._warn("event-refused", "monitor event to %s refused: %s", topic, e)
                 return
