@@ -428,3 +428,19 @@ def test_reply_topics_created_are_capped_and_existing_ones_do_not_count():
         assert provider.reads.count("good:a") == 3   # the refused get never read its PV
     finally:
         g.close()
+
+
+def test_status_lists_are_capped_with_their_totals(gw, monkeypatch):
+    from k2eg.gateway import service
+
+    monkeypatch.setattr(service, "STATUS_MONITORS", 2)
+    run(gw, *({"command": "monitor", "pv_name": f"pva://good:{i}", "reply_topic": "app-reply", "reply_id": str(i)}
+              for i in range(3)))
+    gw.io.admin.created.update(f"extra-{i}" for i in range(1500))
+    doc = gw.status()
+    assert len(doc["monitors"]) == 2 and doc["monitors_total"] == 3
+    assert len(doc["topics_created"]) == 1000 and doc["topics_created_total"] == 1501   # + app-reply
+    assert doc["topics_purging"] == [] and doc["topics_purging_total"] == 0
+    assert doc["snapshots_total"] == 0 and doc["reply_topics"] == {"created": 1, "limit": 1000, "refused": 0}
+    summary = gw.status(detail=False)
+    assert "monitors" not in summary and summary["snapshots_total"] == 0

@@ -29,7 +29,7 @@ from .access import PutPolicy, TopicGuard, Unanswerable, app_of
 from .options import Options
 from .snapshots import SnapshotManager
 from .state import MonitorState, SnapshotState, State, StateStore, monitor_key
-from .status import RateMeter, gateway_identity
+from .status import RateMeter, capped, gateway_identity
 
 log = logging.getLogger("k2eg.gateway")
 
@@ -518,14 +518,17 @@ class Gateway:
             "pvs": {"total": len(channels), "connected": sum(1 for ch in channels if ch.connected)},
             "rates": {"events_published_per_s": rates.pop("*published"), "commands_per_s": rates.pop("*commands")},
             "monitors_active": sum(1 for ch in channels if ch.destinations),
-            "snapshots": [{"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
-                           "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
-                           "failures": sn.failures} for sn in snaps],
             "records_lost": self.io.dropped,
             "command_backlog": {"waiting": self.workers.waiting(), "reading": self._gets_reading,
                                 "limit": self.opts.command_backlog,
                                 "reads_paused": self.io.command_pauses},
         }
+        capped(doc, "snapshots", ({"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
+                                   "triggered": sn.cmd.triggered, "iteration": sn.iteration,
+                                   "published": sn.published, "failures": sn.failures} for sn in snaps))
+        guard = self.topic_guard
+        doc["reply_topics"] = {"created": len(guard.reply_topics), "limit": guard.max_reply_topics,
+                               "refused": guard.refused}
         if not detail:
             return doc
         monitors = []
@@ -536,9 +539,9 @@ class Gateway:
                              "events_per_s": rates.get(ch.pv.uri, 0.0),
                              "destinations": dests, "snapshot_taps": len(ch.taps),
                              "subscriptions_opened": self.hub.opened.get(ch.pv, 0)})
-        doc["monitors"] = monitors
-        doc["topics_created"] = sorted(self.io.admin.created)
-        doc["topics_purging"] = sorted(self.destinations.purging())   # expired, to be deleted
+        capped(doc, "monitors", monitors, STATUS_MONITORS, total=len(channels))
+        capped(doc, "topics_created", sorted(self.io.admin.created))
+        capped(doc, "topics_purging", sorted(self.destinations.purging()))   # expired, to be deleted
         return doc
 
     # ------------------------------------------------------------- lifecycle
