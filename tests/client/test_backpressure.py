@@ -22,7 +22,8 @@ POLL_BATCH = 501    # records one poll of the event consumer can hand over at on
 
 def test_a_slow_handler_pauses_the_event_topics_and_every_event_arrives(stack, app_name):
     topic = f"flood-{uuid.uuid4().hex[:10]}"
-    AdminClient({"bootstrap.servers": stack.bootstrap}).create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})   # kept alive until its future is done
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
     got: list[int] = []
 
     def slow(rec: dict) -> None:
