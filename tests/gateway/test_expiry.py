@@ -162,6 +162,17 @@ class FakeAdmin:
         return {i: done(self.groups[i]) for i in ids}
 
 
+def unconsumed_for_long(*topics: str) -> E.Destinations:
+    """Destinations that no check found consumed for far longer than the test checkers' timeout (10 s)."""
+    clock = Clock()
+    dests = E.Destinations(clock)
+    for t in topics:
+        dests.add(t, A)
+    dests.observe([])
+    clock.t += 100
+    return dests
+
+
 def checker(admin, dests, expired: list, ignore=()):
     return E.ExpiryChecker(admin, dests, 10, expired.append, ignore)
 
@@ -185,11 +196,7 @@ def test_checker_expires_what_no_active_member_consumes_and_describes_only_group
 
 
 def test_checker_expires_nothing_when_kafka_does_not_answer():
-    clock = Clock()
-    dests = E.Destinations(clock)
-    dests.add("t", A)
-    dests.observe([])
-    clock.t += 100
+    dests = unconsumed_for_long("t")
     expired: list[str] = []
     assert checker(FakeAdmin([], fail=True), dests, expired).check() == [] and expired == []
     assert dests.topics() == ["t"]
@@ -392,11 +399,7 @@ class PartlyFailingAdmin(FakeAdmin):
                                   KafkaError.COORDINATOR_NOT_AVAILABLE])
 def test_a_group_that_cannot_be_described_keeps_every_monitor(code):
     """Unknown is not unused: the group Kafka did not describe may be the one reading the topic."""
-    clock = Clock()
-    dests = E.Destinations(clock)
-    dests.add("read-by-them", A)
-    dests.observe([])
-    clock.t += 100
+    dests = unconsumed_for_long("read-by-them")
     expired: list[str] = []
     admin = PartlyFailingAdmin([group("them", ["read-by-them"]), group("other", ["x"])], bad="them", code=code)
     assert checker(admin, dests, expired).check() == [] and expired == []
@@ -404,24 +407,14 @@ def test_a_group_that_cannot_be_described_keeps_every_monitor(code):
 
 
 def test_a_partial_listing_keeps_every_monitor():
-    clock = Clock()
-    dests = E.Destinations(clock)
-    dests.add("t", A)
-    dests.observe([])
-    clock.t += 100
     expired: list[str] = []
-    assert checker(PartlyFailingAdmin([], list_error=True), dests, expired).check() == [] and expired == []
+    assert checker(PartlyFailingAdmin([], list_error=True), unconsumed_for_long("t"), expired).check() == []
+    assert expired == []
 
 
 def test_a_group_gone_between_list_and_describe_counts_as_reading_nothing():
-    clock = Clock()
-    dests = E.Destinations(clock)
-    dests.add("t", A)
-    dests.observe([])
-    clock.t += 100
-    expired: list[str] = []
     admin = PartlyFailingAdmin([group("gone", ["t"])], bad="gone", code=KafkaError.GROUP_ID_NOT_FOUND)
-    assert checker(admin, dests, expired).check() == ["t"]
+    assert checker(admin, unconsumed_for_long("t"), []).check() == ["t"]
 
 
 def test_each_round_recreates_what_was_deleted_from_outside_and_survives_its_failure():
