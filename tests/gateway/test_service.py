@@ -425,6 +425,7 @@ def test_reply_topics_created_are_capped_and_existing_ones_do_not_count():
         assert io.replies("app0-reply") and io.replies("app1-reply") and io.replies("theirs-reply")
         assert not io.replies("app2-reply") and "app2-reply" not in io.admin.created
         assert g.counters["reply_topic_refused"] == 1 and g.topic_guard.reply_topics == {"app0-reply", "app1-reply"}
+        assert g.counters["failed"] == 0 and g.status()["reply_topics"] == {"created": 2, "limit": 2, "refused": 1}
         assert provider.reads.count("good:a") == 3   # the refused get never read its PV
     finally:
         g.close()

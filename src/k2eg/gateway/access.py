@@ -137,7 +137,6 @@ class TopicGuard:
         self.owned_prefix = owned_prefix
         self.max_reply_topics = max_reply_topics
         self.reply_topics: set[str] = set()   # reply topics this gateway created
-        self.refused = 0                      # commands whose reply topic could not be created (over the cap)
         self._creating = 0
         self._lock = threading.Lock()
 
@@ -179,8 +178,6 @@ class TopicGuard:
         if not room:
             if exists(topic):   # somebody else made it: nothing to create
                 return
-            with self._lock:
-                self.refused += 1
             raise Unanswerable(ErrorCode.BAD_REQUEST,
                                f"reply topic '{topic}' refused: the gateway created {self.max_reply_topics} reply "
                                f"topics already (--max-reply-topics); create it yourself, or reuse an app name")

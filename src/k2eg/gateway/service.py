@@ -148,10 +148,7 @@ class Gateway:
         try:
             self.reply(cmd, replies.error(cmd.reply_id, code, message), key)
         except Unanswerable as e:
-            self._count("unanswerable")
-            self._count("reply_topic_refused")
-            log.warning("cannot answer %s (reply_id %s): %s", cmd.name or "command", _short(cmd.reply_id, 80),
-                        _loggable(e.message))
+            self._unanswerable(cmd, e)
         except ProtocolError as e:
             log.error("cannot answer %s on %s: %s", cmd.name or "command", cmd.reply_topic, e.message)
 
@@ -225,6 +222,13 @@ class Gateway:
             return replies.STATUS_KEY
         return replies.PARSE_ERROR_KEY
 
+    def _unanswerable(self, cmd: C.Command, e: Unanswerable) -> None:
+        """A command whose reply topic is refused: not run (or its failure not told), logged and counted."""
+        self._count("unanswerable")
+        self._count("reply_topic_refused")
+        log.warning("%s (reply_id %s) not answered: %s", cmd.name or "command", _short(cmd.reply_id, 80),
+                    _loggable(e.message))
+
     def _reply_topic_ready(self, topic: str) -> None:
         """``topic`` may take replies and exists (created within --max-reply-topics); Unanswerable otherwise."""
         if self.io.admin.missing((topic,)) or self.topic_guard.refusal(topic):
@@ -250,6 +254,8 @@ class Gateway:
             self._admit(cmd)
             handler(cmd, *args)
             ok = True
+        except Unanswerable as e:
+            self._unanswerable(cmd, e)
         except ProtocolError as e:
             self.fail(cmd, self._key(cmd), e.code, e.message)
         except Exception as e:  # a bug or library failure: answer, log, keep serving
@@ -528,7 +534,7 @@ class Gateway:
                                    "published": sn.published, "failures": sn.failures} for sn in snaps))
         guard = self.topic_guard
         doc["reply_topics"] = {"created": len(guard.reply_topics), "limit": guard.max_reply_topics,
-                               "refused": guard.refused}
+                               "refused": counters["reply_topic_refused"]}
         if not detail:
             return doc
         monitors = []
