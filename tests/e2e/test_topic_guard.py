@@ -9,20 +9,13 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from ..stacks import extra_gateway
-from .test_gateway_commands import WAIT, Wire, fresh_topic
+from .test_gateway_commands import WAIT, Wire, fresh_topic, wire  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
 
 def status_counters(wire: Wire) -> dict:
     return wire.status()["commands"]
-
-
-@pytest.fixture(scope="module")
-def wire(stack):
-    w = Wire(stack.bootstrap, stack.cmd_topic)
-    yield w
-    w.producer.flush(10)
 
 
 @pytest.mark.parametrize("dest, why", [("{cmd}", "command topic"), ("{cmd}-gateway-state", "state topic"),
