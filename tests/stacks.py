@@ -52,3 +52,39 @@ def app_with_a_small_reply_topic(stack, app_name: str) -> str:
     admin.create_topics([NewTopic(f"{name}-reply", 1, 1, config={"max.message.bytes": str((image + small) // 2)})])[
         f"{name}-reply"].result(10)
     return name
+
+
+@contextlib.contextmanager
+def extra_gateway(bootstrap: str, cmd_topic: str, *args: str, env: dict | None = None,
+                  group: str | None = None) -> Iterator[dict]:
+    """A gateway on the Kafka at ``bootstrap``, reading its own ``cmd_topic``, with ``args`` (``env``: a
+    stack's ``client_env()``, for its IOC); yields ``{"proc", "log"}`` (its stderr lines) once it is ready."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "k2eg.gateway", "--cmd-input-topic", cmd_topic, "--sub-server-address",
+         bootstrap, "--pub-server-address", bootstrap, "--sub-group-id", group or f"{cmd_topic}-group",
+         "--pv-connection-timeout", "2", *args],
+        env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            lines.append(line)
+            if "k2eg gateway ready" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert ready.wait(60), "".join(lines[-20:])
+        yield {"proc": proc, "log": lines}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

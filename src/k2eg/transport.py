@@ -200,7 +200,11 @@ class TopicAdmin:
         """Whether the broker knows ``topic`` now (asking does not create it)."""
         md = self._admin.list_topics(topic, timeout=timeout)
         t = md.topics.get(topic)
-        return t is not None and t.error is None
+        found = t is not None and t.error is None
+        if found:
+            with self._lock:
+                self._known.add(topic)
+        return found
 
     def delete(self, topic: str, timeout: float = 10.0) -> None:
         """Delete ``topic``; one already gone counts as deleted."""

@@ -212,7 +212,8 @@ def test_status_shows_the_gateway_its_monitors_and_their_rates(k2eg, k, monkeypa
     assert live["rates"]["events_published_per_s"] > 0
     table = k2eg("status")
     assert table.exit_code == 0, table.output
-    for text in ("gateways", live["gateway"]["id"] + " *", "running", "monitors", "pva://channel:counter"):
+    for text in ("gateways", live["gateway"]["id"] + " *", "running", "monitors", "pva://channel:counter",
+                 "totals: monitors", "topics created"):
         assert text in table.stdout
 
 

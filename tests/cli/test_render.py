@@ -242,3 +242,16 @@ def test_snapshot_status_rows_name_type_and_progress():
         {"name": "orbit", "type": "normal", "triggered": True, "pvs": 3, "iteration": 7, "published": 6,
          "failures": 0}]}))
     assert "orbit" in text and "normal (triggered)" in text and " 7 " in text
+
+
+def test_capped_lists_show_the_gateways_totals():
+    status = {"monitors": [{"pv": f"ca://pv{i}", "events_per_s": float(i)} for i in range(40)], "monitors_total": 9000,
+              "snapshots": [{"name": "a"}], "snapshots_total": 3, "topics_created": ["t"] * 5,
+              "topics_created_total": 12000, "topics_purging": [], "topics_purging_total": 0,
+              "reply_topics": {"created": 1000, "limit": 1000, "refused": 4}}
+    assert "30 busiest of 9000" in _text(r.monitors_status_table(status, limit=30))
+    assert "1 shown of 3" in _text(r.snapshots_status_table(status))
+    assert r.totals_line(status) == ("totals: monitors 9000, snapshots 3, topics created 12000, being purged 0, "
+                                     "reply topics created 1000/1000 (4 refused)")
+    assert "3" in _text(r.gateways_table([{**status, "gateway": {"id": "g:1"}, "state": "running"}]))
+    assert r.totals_line({"monitors": [{}], "snapshots": []}).startswith("totals: monitors 1, snapshots 0")

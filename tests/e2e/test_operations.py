@@ -14,11 +14,15 @@ from k2eg import OperationError
 from k2eg.dml import dml
 from k2eg.stack.ports import free_port
 
+from ..stacks import extra_gateway
+
 pytestmark = pytest.mark.e2e
 
 RULES = """
-DENY  variable:b            # nobody writes b through this gateway
+DENY  variable:b            # nobody writes b through this gateway, nor any field of it
+DENY  variable:a\\.DESC     # a field rule, before its record's rule: the exception
 ALLOW variable:a   ops-.*   # only ops-* apps write a
+ALLOW .*           ops-.*   # everything else, for ops-*: must not open variable:b's fields
 """
 
 
@@ -29,27 +33,10 @@ def ops_gateway(stack, tmp_path_factory):
     (d / "rules.acl").write_text(RULES)
     (d / "ops.ini").write_text(f"[DEFAULT]\nkafka_broker_url={stack.bootstrap}\nk2eg_cmd_topic=k2eg-cmd-ops\n")
     port = free_port()
-    env = {**os.environ, **stack.client_env()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "k2eg.gateway", "--cmd-input-topic", "k2eg-cmd-ops",
-         "--sub-server-address", stack.bootstrap, "--pub-server-address", stack.bootstrap,
-         "--sub-group-id", "k2eg-ops", "--pv-connection-timeout", "2", "--metric-enable", "true",
-         "--metric-server-http-port", str(port), "--access-rules", str(d / "rules.acl")],
-        env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump():
-        for line in proc.stderr:
-            lines.append(line)
-            if "k2eg gateway ready" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    assert ready.wait(60), "".join(lines[-20:])
-    yield {"dir": d, "port": port, "log": lines, "proc": proc}
-    proc.terminate()
-    proc.wait(20)
+    with extra_gateway(stack.bootstrap, "k2eg-cmd-ops", "--metric-enable", "true", "--metric-server-http-port",
+                       str(port), "--access-rules", str(d / "rules.acl"), env=stack.client_env(),
+                       group="k2eg-ops") as gw:
+        yield {"dir": d, "port": port, **gw}
 
 
 @pytest.fixture
@@ -130,6 +117,28 @@ def test_denied_put_names_the_rule_and_leaves_the_pv_unchanged(ops_gateway, ops_
     log = "".join(ops_gateway["log"])
     assert "denied" in log and "ops-writer" in log and "variable:b" in log
     assert metric(scrape(ops_gateway["port"]), "k2eg_puts_denied_total") >= 2
+
+
+@pytest.mark.parametrize("uri, value", [("ca://variable:b.VAL", 7.5), ("pva://variable:b.VAL", 7.5),
+                                        ("ca://variable:b.PROC", 1), ("ca://variable:b.DESC", "walked around"),
+                                        ("pva://variable:b", 7.5)])
+def test_a_rule_about_a_record_governs_its_fields_over_ca_and_pva(ops_gateway, ops_client, k, uri, value):
+    before = k.get("ca://variable:b", timeout=10)["value"], k.get("ca://variable:b.DESC", timeout=10)["value"]
+    with ops_client("ops-walker") as w:
+        with pytest.raises(OperationError) as e:
+            w.put(uri, value, timeout=10)
+    assert e.value.error == -4 and "rules.acl:2" in e.value.args[0], e.value.args
+    after = k.get("ca://variable:b", timeout=10)["value"], k.get("ca://variable:b.DESC", timeout=10)["value"]
+    assert after == before
+
+
+def test_a_field_rule_before_its_record_rule_denies_that_field_only(ops_gateway, ops_client, k):
+    with ops_client("ops-fields") as w:
+        with pytest.raises(OperationError) as e:
+            w.put("ca://variable:a.DESC", "not mine", timeout=10)
+        assert e.value.error == -4 and "rules.acl:3" in e.value.args[0]
+        w.put("ca://variable:a.VAL", 0.5, timeout=10)
+    assert k.get("ca://variable:a", timeout=10)["value"] == 0.5
 
 
 def test_unreadable_rules_file_refuses_to_start(stack, tmp_path):

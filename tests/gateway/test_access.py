@@ -1,6 +1,6 @@
 import pytest
 
-from k2eg.gateway.access import PutPolicy, RulesError, app_of, parse_rules
+from k2eg.gateway.access import PutPolicy, RulesError, app_of, governed_names, parse_rules
 from k2eg.protocol.errors import ProtocolError
 
 RULES = """
@@ -55,3 +55,42 @@ def test_bad_lines_are_reported_with_their_number(text):
 
 def test_app_of_reply_topic():
     assert app_of("my-app-reply") == "my-app" and app_of(None) == ""
+
+
+WALKAROUND = """
+DENY  MAG:1\\.PROC          # a field rule: before the record's rule, it decides for that field
+ALLOW MAG:1\\.VAL    ops
+DENY  MAG:1
+ALLOW .*
+"""
+
+
+@pytest.mark.parametrize("pv", ["MAG:1.PROC", "MAG:1.proc", "MAG:1.DISV", "MAG:1.VAL", "MAG:1", "MAG:1.DESC",
+                                "MAG:1.VAL.sub"])
+def test_a_rule_about_a_record_governs_every_field_of_it(pv):
+    p = PutPolicy(parse_rules(WALKAROUND, "acl"), source="acl")
+    msg = refused(p, pv, "physicist")
+    assert "acl:2" in msg if pv.upper() == "MAG:1.PROC" else "acl:4" in msg
+    if pv != "MAG:1":
+        assert "governs" in msg or pv == "MAG:1.PROC"
+
+
+def test_a_field_rule_before_the_record_rule_is_an_exception_and_a_bare_name_is_its_val():
+    p = PutPolicy(parse_rules(WALKAROUND, "acl"), source="acl")
+    p.check("MAG:1.VAL", "ops")
+    p.check("MAG:1", "ops")            # writes VAL: allowed by the VAL rule
+    assert "acl:2" in refused(p, "MAG:1.PROC", "ops")
+    assert "acl:4" in refused(p, "MAG:1.DISV", "ops")
+    p.check("MAG:10.PROC", "ops")      # another record
+    p.check("MAG:1X", "physicist")
+
+
+def test_a_field_rule_after_the_record_rule_never_decides():
+    p = PutPolicy(parse_rules("ALLOW MAG:1\nDENY MAG:1\\.PROC\n", "acl"), source="acl")
+    p.check("MAG:1.PROC", "x")
+
+
+def test_governed_names():
+    assert governed_names("R:1") == ("R:1", "R:1.VAL")
+    assert governed_names("R:1.proc") == ("R:1.proc", "R:1.PROC", "R:1")
+    assert governed_names("R:1.VAL") == ("R:1.VAL", "R:1")

@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 import pytest
-from confluent_kafka import ConsumerGroupState, TopicPartition
+from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import ConsumerGroupDescription, MemberAssignment, MemberDescription
 
 from k2eg.gateway import expiry as E
@@ -162,6 +162,17 @@ class FakeAdmin:
         return {i: done(self.groups[i]) for i in ids}
 
 
+def unconsumed_for_long(*topics: str) -> E.Destinations:
+    """Destinations that no check found consumed for far longer than the test checkers' timeout (10 s)."""
+    clock = Clock()
+    dests = E.Destinations(clock)
+    for t in topics:
+        dests.add(t, A)
+    dests.observe([])
+    clock.t += 100
+    return dests
+
+
 def checker(admin, dests, expired: list, ignore=()):
     return E.ExpiryChecker(admin, dests, 10, expired.append, ignore)
 
@@ -185,11 +196,7 @@ def test_checker_expires_what_no_active_member_consumes_and_describes_only_group
 
 
 def test_checker_expires_nothing_when_kafka_does_not_answer():
-    clock = Clock()
-    dests = E.Destinations(clock)
-    dests.add("t", A)
-    dests.observe([])
-    clock.t += 100
+    dests = unconsumed_for_long("t")
     expired: list[str] = []
     assert checker(FakeAdmin([], fail=True), dests, expired).check() == [] and expired == []
     assert dests.topics() == ["t"]
@@ -368,3 +375,69 @@ def test_a_purge_that_cannot_ask_kafka_waits_for_the_next_round(gw):
     del gw.io.admin.exists
     purge_due(gw)
     assert gw.io.admin.deleted == ["mine"]
+
+
+class PartlyFailingAdmin(FakeAdmin):
+    """Lists every group, but describing ``bad`` fails with ``code``; or the listing reports an error."""
+
+    def __init__(self, groups, bad: str = "", code: int = KafkaError._TIMED_OUT, list_error: bool = False):
+        super().__init__(groups)
+        self.bad, self.code, self.list_error = bad, code, list_error
+
+    def list_consumer_groups(self, request_timeout):
+        result = super().list_consumer_groups(request_timeout).result()
+        result.errors = [KafkaError(KafkaError._TIMED_OUT, "broker 2 did not answer")] if self.list_error else []
+        return done(result)
+
+    def describe_consumer_groups(self, ids, request_timeout):
+        out = super().describe_consumer_groups(ids, request_timeout)
+        if self.bad in out:
+            f = Future()
+            f.set_exception(KafkaException(KafkaError(self.code, "describe failed")))
+            out[self.bad] = f
+        return out
+
+
+@pytest.mark.parametrize("code", [KafkaError._TIMED_OUT, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                                  KafkaError.COORDINATOR_NOT_AVAILABLE])
+def test_a_group_that_cannot_be_described_keeps_every_monitor(code):
+    """Unknown is not unused: the group Kafka did not describe may be the one reading the topic."""
+    dests = unconsumed_for_long("read-by-them")
+    expired: list[str] = []
+    admin = PartlyFailingAdmin([group("them", ["read-by-them"]), group("other", ["x"])], bad="them", code=code)
+    assert checker(admin, dests, expired).check() == [] and expired == []
+    assert dests.topics() == ["read-by-them"]
+
+
+def test_a_partial_listing_keeps_every_monitor():
+    expired: list[str] = []
+    assert checker(PartlyFailingAdmin([], list_error=True), unconsumed_for_long("t"), expired).check() == []
+    assert expired == []
+
+
+def test_a_group_gone_between_list_and_describe_counts_as_reading_nothing():
+    admin = PartlyFailingAdmin([group("gone", ["t"])], bad="gone", code=KafkaError.GROUP_ID_NOT_FOUND)
+    assert checker(admin, unconsumed_for_long("t"), []).check() == ["t"]
+
+
+def test_each_round_recreates_what_was_deleted_from_outside_and_survives_its_failure():
+    calls = []
+
+    def recreate():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("Kafka away")
+
+    c = E.ExpiryChecker(FakeAdmin([]), E.Destinations(Clock()), 10, lambda t: None, recreate=recreate)
+    c.check()
+    c.check()
+    assert len(calls) == 2
+
+
+def test_a_monitor_destination_deleted_from_outside_is_created_again(gw):
+    run(gw, {"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "mine", "reply_topic": "r1"})
+    gw.io.admin.created.discard("mine")   # deleted from outside; a failed delivery made the admin forget it
+    gw.recreate_destinations()
+    assert "mine" in gw.io.admin.created and gw.io.log[-1] == ("ensure", ("mine",))
+    gw.recreate_destinations()            # nothing forgotten: nothing asked
+    assert gw.io.log[-1] == ("ensure", ("mine",)) and len([e for e in gw.io.log if e == ("ensure", ("mine",))]) == 2

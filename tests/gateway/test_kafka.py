@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+from confluent_kafka import KafkaError
 
 from k2eg.gateway import kafka
 from k2eg.gateway import options as O
@@ -193,3 +194,22 @@ def test_a_reply_is_sent_at_once_only_to_a_known_topic_with_room_in_the_configur
     k.publish("t", "k", {"error": 0})
     k.publish("t", "k", {"error": 0})
     assert not k.publishes_at_once(["t"])  # half of 4 queued
+
+
+@pytest.mark.parametrize("code", [KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION,
+                                  KafkaError.UNKNOWN_TOPIC_OR_PART])
+def test_a_delivery_failure_for_a_deleted_topic_makes_the_admin_forget_it(io, code):
+    """The next ensure() asks the broker again instead of trusting its cache (deleted from outside)."""
+    k = io()
+    k.admin._known.update({"gone", "other"})
+
+    class Msg:
+        def topic(self):
+            return "gone"
+
+        def value(self):
+            return b"x"
+
+    k._event_failed(KafkaError(code), Msg())
+    k._failed("other", 1, KafkaError(KafkaError._MSG_TIMED_OUT))   # another failure: nothing forgotten
+    assert k.admin.missing(["gone", "other"]) == ["gone"]

@@ -103,6 +103,9 @@ class FakeAdmin:
     def exists(self, topic, timeout=10.0):
         return topic in self.created
 
+    def missing(self, topics):
+        return [t for t in topics if t not in self.created]
+
     def delete(self, topic, timeout=10.0):
         self.deleted.append(topic)
         self.created.discard(topic)
@@ -177,7 +180,7 @@ def test_gets_of_one_pv_read_in_one_poll_share_one_epics_read(gw):
     assert sorted(gw.providers["pva"].reads) == ["good:a", "good:a", "good:b"]  # pva://good:a once, ca://good:a once
     assert sorted(r["reply_id"] for r in gw.io.replies("app-reply")) == ["1", "2", "4", "5"]
     assert gw.io.replies("other-reply") == [{"error": 0, "reply_id": "3", "good:a": {"value": 1.0}}]
-    assert gw.counters == {"received": 6, "bad": 1, "failed": 1, "unanswerable": 1}  # the "{"
+    assert gw.counters == {"received": 6, "bad": 1, "failed": 1, "unanswerable": 1, "reply_topic_refused": 0}  # the "{"
     assert gw.operations == {("get", "ok"): 5}
 
 
@@ -301,7 +304,7 @@ def test_handle_survives_a_parser_bug(gw, monkeypatch):
 @pytest.mark.parametrize("raw", [None, b"", b"\xff\xfe", b"[]", b"{", b"null", b"[" * 100_000])
 def test_unreadable_commands_are_counted_not_fatal(gw, raw):
     run(gw, raw)
-    assert gw.counters == {"received": 1, "bad": 1, "failed": 1, "unanswerable": 1}
+    assert gw.counters == {"received": 1, "bad": 1, "failed": 1, "unanswerable": 1, "reply_topic_refused": 0}
     assert not [e for e in gw.io.log if e[0] == "publish"]
 
 
@@ -488,3 +491,63 @@ def test_a_reply_the_broker_refuses_for_its_size_becomes_an_error_reply(gw):
     assert replies[1]["error"] == -2 and "2000000 bytes" in replies[1]["message"]
     assert "max.message.bytes" in replies[1]["message"]
     assert gw.io.too_large is None  # the error reply itself is never turned into another one
+
+
+@pytest.mark.parametrize("doc, why", [
+    ({"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "cmd"}, "command topic"),
+    ({"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "cmd-gateway-state"}, "state topic"),
+    ({"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "cmd-gateway-status"}, "status topic"),
+    ({"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "cmd-gateway-puts"},
+     "names starting with 'cmd-gateway-'"),
+    ({"command": "monitor", "pv_name": "pva://good:a", "monitor_dest_topic": "__consumer_offsets"}, "Kafka internal"),
+    ({"command": "multi-monitor", "pv_name_list": ["pva://good:a", "pva://__transaction_state"]}, "Kafka internal"),
+    ({"command": "repeating_snapshot", "snapshot_name": "CMD", "pv_name_list": ["pva://good:a"]}, "command topic"),
+    ({"command": "repeating_snapshot", "snapshot_name": "__consumer_offsets", "pv_name_list": ["pva://good:a"]},
+     "Kafka internal"),
+])
+def test_a_destination_of_the_gateway_or_of_kafka_is_refused_naming_why(gw, doc, why):
+    run(gw, {**doc, "reply_topic": "app-reply", "reply_id": "r"})
+    [reply] = gw.io.replies("app-reply")
+    assert reply["error"] == ErrorCode.BAD_REQUEST and why in reply["message"], reply
+    assert not gw.hub.channels() and not [e for e in gw.io.log if e[0] == "ensure" and e[1] != ("app-reply",)]
+
+
+@pytest.mark.parametrize("topic", ["cmd", "cmd-gateway-state", "__consumer_offsets"])
+def test_a_reply_topic_of_the_gateway_or_of_kafka_gets_nothing_and_is_counted(gw, topic):
+    gw.io.admin.created.add(topic)   # it exists: the gateway reads it, or Kafka keeps it
+    run(gw, {"command": "put", "pv_name": "pva://good:a", "value": "gaF2AQ==", "reply_topic": topic,
+             "reply_id": "r"}, _get("pva://good:a", "g", topic))
+    assert not [e for e in gw.io.log if e[0] == "publish"] and gw.providers["pva"].reads == []  # nothing ran
+    assert gw.counters["unanswerable"] == 2 and gw.counters["reply_topic_refused"] == 2
+
+
+def test_reply_topics_created_are_capped_and_existing_ones_do_not_count():
+    io, provider = FakeIO(), FakeProvider()
+    g = Gateway(O.parse([*OPTS, "--max-reply-topics", "2"], environ={}), io, {"pva": provider, "ca": provider})
+    io.admin.created.add("theirs-reply")
+    try:
+        run(g, *(_get("pva://good:a", str(i), f"app{i}-reply") for i in range(3)),
+            _get("pva://good:a", "t", "theirs-reply"))
+        assert io.replies("app0-reply") and io.replies("app1-reply") and io.replies("theirs-reply")
+        assert not io.replies("app2-reply") and "app2-reply" not in io.admin.created
+        assert g.counters["reply_topic_refused"] == 1 and g.topic_guard.reply_topics == {"app0-reply", "app1-reply"}
+        assert g.counters["failed"] == 0 and g.status()["reply_topics"] == {"created": 2, "limit": 2, "refused": 1}
+        assert provider.reads.count("good:a") == 3   # the refused get never read its PV
+    finally:
+        g.close()
+
+
+def test_status_lists_are_capped_with_their_totals(gw, monkeypatch):
+    from k2eg.gateway import service
+
+    monkeypatch.setattr(service, "STATUS_MONITORS", 2)
+    run(gw, *({"command": "monitor", "pv_name": f"pva://good:{i}", "reply_topic": "app-reply", "reply_id": str(i)}
+              for i in range(3)))
+    gw.io.admin.created.update(f"extra-{i}" for i in range(1500))
+    doc = gw.status()
+    assert len(doc["monitors"]) == 2 and doc["monitors_total"] == 3
+    assert len(doc["topics_created"]) == 1000 and doc["topics_created_total"] == 1501   # + app-reply
+    assert doc["topics_purging"] == [] and doc["topics_purging_total"] == 0
+    assert doc["snapshots_total"] == 0 and doc["reply_topics"] == {"created": 1, "limit": 1000, "refused": 0}
+    summary = gw.status(detail=False)
+    assert "monitors" not in summary and summary["snapshots_total"] == 0

@@ -41,3 +41,12 @@ def test_identity_names_host_pid_and_topic():
     ident = gateway_identity("cmd")
     assert ident["id"] == f"{ident['host']}:{ident['pid']}" and ident["cmd_topic"] == "cmd"
     assert gateway_status_topic("cmd") == "cmd-gateway-status"
+
+
+def test_capped_keeps_at_most_the_limit_and_says_how_many_there_are():
+    from k2eg.gateway.status import capped
+
+    doc: dict = {}
+    capped(doc, "topics", (f"t{i}" for i in range(5)), limit=3)
+    capped(doc, "monitors", ["m"], limit=3, total=9)
+    assert doc == {"topics": ["t0", "t1", "t2"], "topics_total": 5, "monitors": ["m"], "monitors_total": 9}

@@ -298,6 +298,7 @@ def status(state: Any, timeout: float, as_json: bool) -> None:
             console.print(render.monitors_status_table(live))
         if live.get("snapshots"):
             console.print(render.snapshots_status_table(live))
+        console.print(render.totals_line(live))
     else:
         console.print(f"no live answer on {client.environment.cmd_topic} within {timeout:g} s: "
                       "the table shows the last announcements")

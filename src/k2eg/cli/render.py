@@ -399,16 +399,39 @@ def gateways_table(gateways: Iterable[Mapping], stale_after: float = 30.0) -> Ta
         rates = g.get("rates") or {}
         table.add_row(Text(f"{ident.get('id', '?')}" + (" *" if g.get("answered") else ""), style="cyan"),
                       Text(state, style=style), _duration(ident.get("uptime_s", g.get("uptime_s"))),
-                      str(g.get("monitors_active", "?")), str(len(g.get("snapshots") or [])),
+                      str(g.get("monitors_active", "?")), str(_total(g, "snapshots")),
                       f"{pvs.get('connected', '?')}/{pvs.get('total', '?')}",
                       _rate(rates.get("events_published_per_s")), _rate(rates.get("commands_per_s")),
                       str(g.get("records_lost", 0)), "now" if not seen else f"{seen:g} s ago")
     return table
 
 
+def _total(status: Mapping, name: str) -> int:
+    """How many ``name`` the gateway has: its ``<name>_total`` (the list is capped), else the list's length."""
+    total = status.get(f"{name}_total")
+    return total if isinstance(total, int) else len(status.get(name) or [])
+
+
+def _shown(what: str, shown: int, total: int) -> str | None:
+    return f"{shown} {what} of {total}" if total > shown else None
+
+
+def totals_line(status: Mapping) -> str:
+    """The sizes of the gateway's lists, of which a status record carries at most a capped part."""
+    reply = status.get("reply_topics") or {}
+    parts = [f"monitors {_total(status, 'monitors')}", f"snapshots {_total(status, 'snapshots')}",
+             f"topics created {_total(status, 'topics_created')}",
+             f"being purged {_total(status, 'topics_purging')}"]
+    if reply:
+        parts.append(f"reply topics created {reply.get('created', '?')}/{reply.get('limit', '?')}"
+                     + (f" ({reply['refused']} refused)" if reply.get("refused") else ""))
+    return "totals: " + ", ".join(parts)
+
+
 def monitors_status_table(status: Mapping, limit: int = STATUS_MONITOR_ROWS) -> Table:
     monitors = sorted(status.get("monitors") or [], key=lambda m: -(m.get("events_per_s") or 0))
-    caption = f"{limit} busiest of {len(monitors)}" if len(monitors) > limit else None
+    total = max(_total(status, "monitors"), len(monitors))
+    caption = _shown("busiest", min(limit, len(monitors)), total)
     table = Table(title="monitors", title_justify="left", header_style="bold", caption=caption)
     for col, justify in (("PV", "left"), ("connected", "left"), ("rate", "right"), ("events", "right"),
                          ("destinations", "left")):
@@ -422,10 +445,12 @@ def monitors_status_table(status: Mapping, limit: int = STATUS_MONITOR_ROWS) -> 
 
 
 def snapshots_status_table(status: Mapping) -> Table:
-    table = Table(title="repeating snapshots", title_justify="left", header_style="bold")
+    snaps = status.get("snapshots") or []
+    table = Table(title="repeating snapshots", title_justify="left", header_style="bold",
+                  caption=_shown("shown", len(snaps), _total(status, "snapshots")))
     for col in ("name", "type", "PVs", "iteration", "published", "failures"):
         table.add_column(col, justify="left" if col in ("name", "type") else "right", no_wrap=True)
-    for s in status.get("snapshots") or []:
+    for s in snaps:
         kind = str(s.get("type", "?")) + (" (triggered)" if s.get("triggered") else "")
         table.add_row(Text(str(s.get("name")), style="cyan"), kind, str(s.get("pvs", "?")),
                       str(s.get("iteration", "?")), str(s.get("published", "?")), str(s.get("failures", 0)))

@@ -7,7 +7,11 @@ Two consumers, for two different needs:
 - monitor and snapshot topics are *subscribed* in a consumer group, which is
   how the gateway sees that somebody still reads a monitor (PROTOCOL 6).
 User handlers run on one dispatcher thread, in arrival order, so a slow
-handler delays neither replies nor the consumers.
+handler delays neither replies nor the consumers. Behind a slow handler the
+calls queued for it are bounded: past ``HANDLER_QUEUE_HIGH`` calls (or
+``HANDLER_QUEUE_HIGH_BYTES`` of records) the event consumer pauses its
+partitions, so the backlog waits in Kafka, not in memory, and resumes below
+half of that; nothing is dropped.
 
 confluent-kafka consumers are not safe to drive from two threads: each
 consumer is only touched by the thread that polls it (subscription changes
@@ -35,6 +39,9 @@ from .environment import Environment, EnvironmentConfigError
 from .errors import ClientClosed, KafkaAuthenticationFailed, KafkaUnavailable, OperationError
 
 log = logging.getLogger("k2eg.client")
+
+HANDLER_QUEUE_HIGH = 10_000            # handler calls queued behind a slow handler before the events pause
+HANDLER_QUEUE_HIGH_BYTES = 64 << 20    # ... or bytes of the records behind them (waveforms weigh more)
 
 RecordSink = Callable[[dict], None]           # a reply-topic record for one reply_id
 TopicSink = Callable[[str, Any], None]        # (topic, decoded record) from a subscribed topic
@@ -117,10 +124,24 @@ class ReplyIds:
         return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFF:012x}"
 
 
+class _EventBatch(list):
+    """Handler calls of one poll of the event consumer, with the bytes of its records: what the queue bound counts."""
+
+    __slots__ = ("nbytes",)
+
+
 class ClientTransport:
     def __init__(self, env: Environment, app_name: str, group_name: str | None = None,
-                 startup_timeout: float = 10.0):
+                 startup_timeout: float = 10.0, queue_high: int = HANDLER_QUEUE_HIGH,
+                 queue_high_bytes: int = HANDLER_QUEUE_HIGH_BYTES):
         self.env = env
+        # Handler calls (and record bytes) queued by the event thread, and those the dispatcher finished:
+        # one writer each, so no lock; their difference is the backlog the events pause for.
+        self.queue_high, self.queue_high_bytes = queue_high, queue_high_bytes
+        self._calls_in = self._calls_done = self._bytes_in = self._bytes_done = 0
+        self.paused = False       # the event consumer's partitions are paused for a slow handler
+        self.pauses = 0           # how often (tests, diagnostics)
+        self.backlog_peak = 0     # the most handler calls ever queued
         self.reply_topic = f"{app_name}-reply"
         self.kafka_log = KafkaLog(logging.getLogger("k2eg.client.kafka"))
         self._pending: dict[str, Pending] = {}
@@ -454,6 +475,34 @@ class ClientTransport:
             return current
         return wanted
 
+    def backlog(self) -> tuple[int, int]:
+        """Handler calls, and bytes of their records, queued by the event thread and not yet run."""
+        return self._calls_in - self._calls_done, self._bytes_in - self._bytes_done
+
+    def _throttle(self) -> None:
+        """Event thread: pause every assigned partition while the handlers are behind, resume at half.
+
+        librdkafka drops what it fetched for a paused partition and fetches it again from our
+        position on resume, so nothing is lost; a rebalance hands out partitions unpaused, so
+        the pause is applied again to whatever is assigned now.
+        """
+        calls, nbytes = self.backlog()
+        if calls > self.queue_high or nbytes > self.queue_high_bytes:
+            try:
+                self._events.pause(self._events.assignment())
+            except KafkaException as e:
+                log.debug("pausing the event consumer: %s", e)
+            if not self.paused:
+                self.paused = True
+                self.pauses += 1
+                log.info("handlers are behind (%d calls, %d bytes queued): event topics paused", calls, nbytes)
+        elif self.paused and calls <= self.queue_high // 2 and nbytes <= self.queue_high_bytes // 2:
+            try:
+                self._events.resume(self._events.assignment())
+                self.paused = False
+            except KafkaException as e:
+                log.debug("resuming the event consumer: %s", e)
+
     def _event_loop(self) -> None:
         current: list[str] = []
         while self._running:
@@ -462,6 +511,7 @@ class ClientTransport:
             if not current:
                 time.sleep(0.02)
                 continue
+            self._throttle()
             try:
                 msgs = self._take(self._events, 0.05)
             except Exception as e:
@@ -470,7 +520,7 @@ class ClientTransport:
                 continue
             # One hand-off to the dispatcher per batch, not per event (bench/EXPERIMENTS.md row 4).
             with self._handoff_lock:
-                self._handoff = []
+                self._handoff = _EventBatch()
             try:
                 for m in msgs:
                     try:
@@ -481,6 +531,10 @@ class ClientTransport:
                 with self._handoff_lock:
                     batch, self._handoff = self._handoff, None
                 if batch:
+                    batch.nbytes = sum(len(m.value() or b"") for m in msgs)
+                    self._calls_in += len(batch)
+                    self._bytes_in += batch.nbytes
+                    self.backlog_peak = max(self.backlog_peak, self._calls_in - self._calls_done)
                     self.handlers.put(batch)
 
     def _on_event(self, m) -> None:
@@ -511,6 +565,9 @@ class ClientTransport:
                     log.exception("user handler %s raised", getattr(fn, "__name__", fn))
                 if not self._running:
                     return
+            if type(item) is _EventBatch:
+                self._calls_done += len(item)
+                self._bytes_done += item.nbytes
 
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run a user handler on the dispatcher thread, after everything queued before it.

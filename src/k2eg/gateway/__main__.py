@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         except PackageNotFoundError:
             print("k2eg-gateway (version unknown)")
         return 0
+    from k2eg.extras import missing_extra
+
+    why = missing_extra("k2eg-gateway")
+    if why is not None:  # installed without the EPICS libraries: one sentence, not an import traceback
+        print(why, file=sys.stderr)
+        return 2
     setup_logging(opts.log_level, opts.log_format)
     for warning in opts.warnings:
         log.warning("%s", warning)

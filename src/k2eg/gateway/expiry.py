@@ -14,7 +14,9 @@ A destination expires once ``--nc-monitor-expiration-timeout`` seconds have
 passed since the first check that found it unconsumed (and still finds it so),
 so it has had no consumer for at least the timeout and at most one check
 period more. A monitor command renews it; a resumed monitor starts unobserved
-like a new one. A check that cannot ask Kafka changes nothing.
+like a new one. A check that cannot ask Kafka changes nothing, nor does one
+where listing or describing any group failed (a timeout, no permission): a
+group Kafka did not describe may be the one reading a topic.
 
 An expired topic the gateway created is deleted a check later, not at once: a
 record still in flight for it would fail with "unknown topic", and the
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Iterable, Sequence
 
-from confluent_kafka import ConsumerGroupState, KafkaException
+from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from k2eg.protocol.uri import PVUri
@@ -43,8 +45,13 @@ MAX_PERIOD_S = 30.0     # checks happen at least this often...
 MIN_PERIOD_S = 0.5      # ...and at most this often, whatever the timeout
 DESCRIBE_CHUNK = 100    # groups per describe request
 NO_MEMBERS = (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD)
+GROUP_GONE = (KafkaError.GROUP_ID_NOT_FOUND,)   # a describe error meaning the group no longer exists
 PURGE_SETTLE_S = 2.0    # an expired topic is deleted, and looked at again after a delete, no sooner than this
 PURGE_DELETES = 3       # deletions of a topic that keeps coming back before it is left in place (logged)
+
+
+class UnknownConsumers(RuntimeError):
+    """Kafka did not say who consumes what (a timeout, a refused request): unknown is not "unused"."""
 
 
 def check_period(timeout: float) -> float:
@@ -187,12 +194,13 @@ class ExpiryChecker:
 
     def __init__(self, admin: AdminClient, destinations: Destinations, timeout: float,
                  expire: Callable[[str], None], ignore: Sequence[str] = (), request_timeout: float = 10.0,
-                 purge: Callable[[str], None] | None = None):
+                 purge: Callable[[str], None] | None = None, recreate: Callable[[], None] | None = None):
         self.admin = admin
         self.destinations = destinations
         self.timeout = float(timeout)
         self.period = check_period(self.timeout)
         self.expire, self.purge = expire, purge
+        self.recreate = recreate   # each round: monitor destinations deleted from outside are created again
         self.ignore = [re.compile(r) for r in ignore]
         self.request_timeout = request_timeout
         self.expired = 0
@@ -210,6 +218,8 @@ class ExpiryChecker:
     def _groups(self) -> list:
         """Descriptions of every consumer group that has members."""
         listed = self.admin.list_consumer_groups(request_timeout=self.request_timeout).result(self.request_timeout)
+        if getattr(listed, "errors", None):   # a broker did not list its groups: those may consume anything
+            raise UnknownConsumers(f"listing consumer groups failed on part of the cluster: {listed.errors[0]}")
         ids = [g.group_id for g in listed.valid
                if not g.is_simple_consumer_group and g.state not in NO_MEMBERS
                and not any(p.fullmatch(g.group_id) for p in self.ignore)]
@@ -220,8 +230,12 @@ class ExpiryChecker:
             for gid, fut in futures.items():
                 try:
                     out.append(fut.result(self.request_timeout))
-                except KafkaException as e:   # gone between list and describe: nothing it consumes counts
-                    log.debug("describing consumer group %s: %s", gid, e)
+                except KafkaException as e:
+                    if e.args and isinstance(e.args[0], KafkaError) and e.args[0].code() in GROUP_GONE:
+                        log.debug("consumer group %s gone between list and describe", gid)
+                        continue   # nothing it consumes counts
+                    # A timeout or a refusal: what it consumes is unknown, which is not "nothing".
+                    raise UnknownConsumers(f"cannot describe consumer group {gid}: {e}") from None
         return out
 
     def check(self) -> list[str]:
@@ -232,13 +246,18 @@ class ExpiryChecker:
                 self.purge(topic)
             except Exception:
                 log.exception("purging topic %s failed", topic)
+        if self.recreate is not None:
+            try:
+                self.recreate()
+            except Exception:
+                log.exception("re-creating monitor destinations failed")
         return done
 
     def _expire_unconsumed(self) -> list[str]:
         try:
             groups = self._groups()
-        except Exception as e:  # Kafka unreachable: nothing is known, so nothing expires this round
-            log.warning("monitor expiry check skipped: cannot list consumer groups: %s", e)
+        except Exception as e:  # Kafka unreachable or refusing: nothing is known, so nothing expires this round
+            log.warning("monitor expiry check skipped: cannot tell which consumer groups read what: %s", e)
             return []
         self.destinations.observe(consumed_topics(groups, self.ignore))
         done = []

@@ -56,7 +56,11 @@ _COMMON = {"message.max.bytes": 16 << 20, "enable.idempotence": False,
 # Replies: one command waits for each, so no lingering; but one request in flight, so that
 # replies produced meanwhile share the next request: batching that grows with load and costs
 # nothing when idle (broker CPU per get 650-725 -> 260-305 us: bench/EXPERIMENTS.md row 25).
+# A topic deleted from outside fails the records queued for it after topic.metadata.propagation.max.ms
+# (30 s by default, all of them lost); TopicAdmin.ensure waits until the broker serves a new topic before
+# anything is produced to it, so replies need little propagation slack.
 _REPLY = {"linger.ms": 0, "socket.nagle.disable": True, "max.in.flight.requests.per.connection": 1,
+          "topic.metadata.propagation.max.ms": 3000,
           "queue.buffering.max.messages": 100_000, "queue.buffering.max.kbytes": 256 * 1024}
 # Monitor events: throughput (the broker's CPU per record falls with fuller requests:
 # bench/EXPERIMENTS.md); only failures come back as delivery reports. Queue bounds are
@@ -76,6 +80,8 @@ _EVENT_MORE = {"queue.buffering.max.messages": 10_000, "queue.buffering.max.kbyt
 TooLarge = Callable[[int, str], None]  # (record size in bytes, Kafka's reason)
 Settled = Callable[[], None]           # after a record's delivery report, whatever it said
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
+# The topic was deleted (librdkafka fails records queued for it with _UNKNOWN_PARTITION, then refuses new ones).
+_GONE = (KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
 def too_large(size: int, topic: str, why: str, batch: bool = True) -> str:
@@ -276,8 +282,14 @@ class KafkaIO:
 
     def _failed(self, topic: str, size: int, why: object) -> None:
         self.delivery_failed += 1
+        self._forget_if_gone(topic, why)
         self._lost(topic)
         log.error("record of %d bytes to %s lost: %s", size, topic, why)
+
+    def _forget_if_gone(self, topic: str, why: object) -> None:
+        """A topic deleted from outside: the topic admin forgets it, so the next ``ensure`` creates it again."""
+        if isinstance(why, KafkaError) and why.code() in _GONE:
+            self.admin.forget(topic)
 
     def _resend_next(self) -> None:
         """Poll thread: the next refused reply goes out while no other one is in flight, so it is not
@@ -303,6 +315,7 @@ class KafkaIO:
         if err is None:
             return
         self.delivery_failed += 1
+        self._forget_if_gone(msg.topic(), err)
         self._lost(msg.topic())
         self._warn("event-delivery", "monitor event to %s lost: %s", msg.topic(), err)
 
@@ -358,10 +371,20 @@ class KafkaIO:
         report = (self._delivered if on_too_large is None and on_settled is None
                   else partial(self._delivered, on_too_large=on_too_large, on_settled=on_settled))
         producer = self.replies if on_settled is None and self.latency is None else self.reported
+        recreated = False
         while True:
             try:
                 producer.produce(topic, payload, key, headers=header_value(ser), on_delivery=report)
             except KafkaException as e:
+                if e.args[0].code() in _GONE and time.monotonic() < deadline and self._running:
+                    # Deleted from outside: created again; librdkafka sees it at its next metadata query (~1 s).
+                    if not recreated:
+                        self.admin.forget(topic)
+                        self.ensure_topics([topic])
+                        recreated = True
+                        log.warning("topic %s was deleted from outside: created again", topic)
+                    time.sleep(0.1)
+                    continue
                 if e.args[0].code() not in _TOO_LARGE:
                     raise
                 self._lost(topic)
@@ -392,6 +415,7 @@ class KafkaIO:
             except BufferError:
                 pass
             except KafkaException as e:  # e.g. a record above message.max.bytes: this event only
+                self._forget_if_gone(topic, e.args[0])   # deleted from outside: the expiry round creates it again
                 self._lost(topic)
                 self._warn("event-refused", "monitor event to %s refused: %s", topic, e)
                 return

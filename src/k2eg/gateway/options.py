@@ -146,6 +146,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("channel-idle-timeout", _positive(float), 300.0,
          "seconds after which an EPICS channel nothing used (get, put, info, snapshot read) is closed; "
          "a monitor keeps its channel (ext)"),
+    Spec("max-reply-topics", _positive(int), 1000,
+         "reply topics the gateway creates for senders; beyond it a command whose reply topic does not exist "
+         "is not run, only logged and counted (ext)"),
 )
 
 # Options of the C++ gateway's own internals (its ProgramOptions.h, plus spellings of

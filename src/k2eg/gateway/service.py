@@ -27,11 +27,11 @@ from .journal import PutJournal
 from .kafka import KafkaIO, too_large
 from .memory import Trimmer
 from .monitors import MonitorHub, combined_cap
-from .access import PutPolicy, app_of
+from .access import PutPolicy, TopicGuard, Unanswerable, app_of
 from .options import Options
 from .snapshots import SnapshotManager
 from .state import MonitorState, SnapshotState, State, StateStore, monitor_key
-from .status import RateMeter, gateway_identity
+from .status import RateMeter, capped, gateway_identity
 
 log = logging.getLogger("k2eg.gateway")
 
@@ -95,10 +95,12 @@ class Gateway:
         self.hub = MonitorHub(providers, self._publish_bytes, self.memory.changed,
                               refresh_period=opts.monitor_refresh_period)
         self.workers = Workers(opts.command_workers, "k2eg-cmd")
-        self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0}
+        self.counters: dict[str, int] = {"received": 0, "bad": 0, "failed": 0, "unanswerable": 0,
+                                         "reply_topic_refused": 0}
         self.operations: dict[tuple[str, str], int] = {}   # (command, ok|error) -> n, for metrics
         self.puts_denied = 0
         self.policy = PutPolicy.from_options(opts.access_rules, opts.read_only)
+        self.topic_guard = TopicGuard.from_options(opts)
         self.started = time.time()
         self.identity = gateway_identity(opts.cmd_input_topic)
         self.rates = RateMeter()
@@ -132,7 +134,7 @@ class Gateway:
         """Send ``record`` to the command's reply topic, created if missing; without one, nothing to do."""
         if not cmd.reply_topic or not self._replying:
             return
-        self.io.ensure_topics([cmd.reply_topic])
+        self._reply_topic_ready(cmd.reply_topic)
         refused = None if record.get("error") else partial(self._reply_too_large, cmd, key)
         self.io.publish(cmd.reply_topic, key, record, cmd.serialization, value_key, refused)
 
@@ -151,6 +153,8 @@ class Gateway:
         log.info("%s failed (reply_id %s): %s", cmd.name or "command", _short(cmd.reply_id, 80), _loggable(message))
         try:
             self.reply(cmd, replies.error(cmd.reply_id, code, message), key)
+        except Unanswerable as e:
+            self._unanswerable(cmd, e)
         except ProtocolError as e:
             log.error("cannot answer %s on %s: %s", cmd.name or "command", cmd.reply_topic, e.message)
 
@@ -251,11 +255,40 @@ class Gateway:
             return replies.STATUS_KEY
         return replies.PARSE_ERROR_KEY
 
+    def _unanswerable(self, cmd: C.Command, e: Unanswerable) -> None:
+        """A command whose reply topic is refused: not run (or its failure not told), logged and counted."""
+        self._count("unanswerable")
+        self._count("reply_topic_refused")
+        log.warning("%s (reply_id %s) not answered: %s", cmd.name or "command", _short(cmd.reply_id, 80),
+                    _loggable(e.message))
+
+    def _reply_topic_ready(self, topic: str) -> None:
+        """``topic`` may take replies and exists (created within --max-reply-topics); Unanswerable otherwise."""
+        if self.io.admin.missing((topic,)) or self.topic_guard.refusal(topic):
+            self.topic_guard.ensure_reply_topic(topic, self.io.ensure_topics, self.io.admin.exists)
+
+    def _admit(self, cmd: C.Command) -> None:
+        """Before a command runs: its reply topic can be answered on, and it writes to no topic a sender may
+        not name (the gateway's own, Kafka's internal ones)."""
+        if cmd.reply_topic:
+            self._reply_topic_ready(cmd.reply_topic)
+        if isinstance(cmd, C.Monitor):
+            self.topic_guard.check_destination("monitor_dest_topic", cmd.destination)
+        elif isinstance(cmd, C.MultiMonitor):
+            for pv in cmd.pvs:
+                self.topic_guard.check_destination(f"the monitor topic of {pv.uri}", pv.topic)
+        elif isinstance(cmd, C.RepeatingSnapshot):
+            self.topic_guard.check_destination(f"snapshot '{cmd.snapshot_name}'s publishing topic",
+                                               snapshot_topic(cmd.snapshot_name))
+
     def _run(self, handler: Callable[..., None], cmd: C.Command, *args: Any) -> None:
         ok = False
         try:
+            self._admit(cmd)
             handler(cmd, *args)
             ok = True
+        except Unanswerable as e:
+            self._unanswerable(cmd, e)
         except ProtocolError as e:
             self.fail(cmd, self._key(cmd), e.code, e.message)
         except Exception as e:  # a bug or library failure: answer, log, keep serving
@@ -487,8 +520,22 @@ class Gateway:
     def start_expiry(self) -> ExpiryChecker:
         """The thread that stops monitors nobody consumes (PROTOCOL 6)."""
         self.expiry = ExpiryChecker(self.io.admin.client, self.destinations, self.expiry_timeout, self.expire,
-                                    self.opts.nc_monitor_consumer_filterout_regex, purge=self.purge).start()
+                                    self.opts.nc_monitor_consumer_filterout_regex, purge=self.purge,
+                                    recreate=self.recreate_destinations).start()
         return self.expiry
+
+    def recreate_destinations(self) -> None:
+        """Monitor destinations the topic admin forgot (a delivery found one deleted from outside) are
+        created again, with the expiry lock held as when a monitor command creates them."""
+        with self.destinations.lock:
+            gone = self.io.admin.missing(self.destinations.topics())
+            if gone:
+                try:
+                    self.io.ensure_topics(gone)
+                    log.warning("monitor destinations deleted from outside created again: %s",
+                                ", ".join(gone[:20]) + (", ..." if len(gone) > 20 else ""))
+                except ProtocolError as e:
+                    log.warning("cannot create deleted monitor destinations again: %s", e.message)
 
     def expire(self, topic: str) -> None:
         """Stop every monitor feeding ``topic``; delete the topic if it was created for them and purging is on."""
@@ -559,14 +606,17 @@ class Gateway:
             "monitors_active": sum(1 for ch in channels if ch.destinations),
             "epics_channels": self.channel_counts(),
             "events_rate_capped": self.hub.skipped(), "events_refreshed": self.hub.refreshes,
-            "snapshots": [{"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
-                           "triggered": sn.cmd.triggered, "iteration": sn.iteration, "published": sn.published,
-                           "failures": sn.failures} for sn in snaps],
             "records_lost": self.io.dropped,
             "command_backlog": {"waiting": self.workers.waiting(), "reading": self._gets_reading,
                                 "limit": self.opts.command_backlog,
                                 "reads_paused": self.io.command_pauses},
         }
+        capped(doc, "snapshots", ({"name": sn.name, "type": sn.cmd.kind.value, "pvs": len(sn.cmd.pvs),
+                                   "triggered": sn.cmd.triggered, "iteration": sn.iteration,
+                                   "published": sn.published, "failures": sn.failures} for sn in snaps))
+        guard = self.topic_guard
+        doc["reply_topics"] = {"created": len(guard.reply_topics), "limit": guard.max_reply_topics,
+                               "refused": counters["reply_topic_refused"]}
         if not detail:
             return doc
         monitors = []
@@ -581,9 +631,9 @@ class Gateway:
             if caps:
                 entry["max_events_per_second"], entry["events_rate_capped"] = caps, ch.skipped()
             monitors.append(entry)
-        doc["monitors"] = monitors
-        doc["topics_created"] = sorted(self.io.admin.created)
-        doc["topics_purging"] = sorted(self.destinations.purging())   # expired, to be deleted
+        capped(doc, "monitors", monitors, STATUS_MONITORS, total=len(channels))
+        capped(doc, "topics_created", sorted(self.io.admin.created))
+        capped(doc, "topics_purging", sorted(self.destinations.purging()))   # expired, to be deleted
         return doc
 
     # ------------------------------------------------------------- lifecycle

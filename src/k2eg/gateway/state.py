@@ -169,9 +169,9 @@ class StateStore:
         self._group = f"{opts.sub_group_id}-state-{uuid.uuid4().hex[:8]}"   # assign only: never joins or commits
         self.lost = 0
 
-    def _consumer(self) -> Consumer:
+    def _consumer(self, eof: bool = False) -> Consumer:
         return Consumer({**self._sub, "group.id": self._group, "enable.auto.commit": False,
-                         "enable.partition.eof": False, "auto.offset.reset": "earliest"})
+                         "enable.partition.eof": eof, "auto.offset.reset": "earliest"})
 
     def ensure_topic(self, timeout: float = 30.0) -> None:
         """Create the state topic compacted; an existing one that is not compacted is only warned about."""
@@ -189,8 +189,13 @@ class StateStore:
             log.warning("cannot read the configuration of state topic %s: %s", self.topic, e)
 
     def read(self, timeout: float = 60.0) -> list[tuple[bytes | None, bytes | None]]:
-        """Every record of the state topic, up to the end it had when reading started."""
-        c = self._consumer()
+        """Every record of the state topic, up to the end it had when reading started.
+
+        The end is a position, not a record: the last offsets below the high watermark may hold
+        no record any more (compacted away, or a transaction marker), so a partition is read once
+        the consumer's position reaches the high watermark or librdkafka reports its end.
+        """
+        c = self._consumer(eof=True)
         try:
             md = c.list_topics(self.topic, timeout=timeout).topics.get(self.topic)
             if md is None or md.error is not None:
@@ -209,13 +214,15 @@ class StateStore:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"state topic {self.topic} not read to its end within {timeout:g} s")
                 for m in c.consume(1000, 0.5):
-                    if m.error() is not None:
-                        if m.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("reading state topic %s: %s", self.topic, m.error())
-                        continue
-                    records.append((m.key(), m.value()))
-                    if m.partition() in ends and m.offset() + 1 >= ends[m.partition()]:
-                        del ends[m.partition()]
+                    if m.error() is None:
+                        records.append((m.key(), m.value()))
+                    elif m.error().code() == KafkaError._PARTITION_EOF:
+                        ends.pop(m.partition(), None)
+                    else:
+                        log.warning("reading state topic %s: %s", self.topic, m.error())
+                for tp in c.position([TopicPartition(self.topic, p) for p in ends]):
+                    if tp.offset >= ends[tp.partition]:
+                        del ends[tp.partition]
             return records
         finally:
             c.close()

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from k2eg.protocol.commands import Serialization
 from k2eg.protocol.uri import gateway_status_topic
@@ -21,6 +21,15 @@ log = logging.getLogger("k2eg.gateway.status")
 
 BEACON_INTERVAL_S = 10.0
 BEACON_RETENTION_MS = 3_600_000  # an hour of beacons: readers only look at the last few intervals
+STATUS_LIST_LIMIT = 1000         # entries of each list in a status record: it stays far below Kafka's 1 MB
+
+
+def capped(doc: dict, name: str, items: Iterable, limit: int = STATUS_LIST_LIMIT, total: int | None = None) -> None:
+    """``doc[name]``: at most ``limit`` of ``items``; ``doc[name + "_total"]``: how many there are (``total``
+    when ``items`` is already cut), so a reader always knows what it does not see."""
+    items = list(items)
+    doc[name] = items[:limit]
+    doc[f"{name}_total"] = len(items) if total is None else total
 
 
 def gateway_identity(cmd_topic: str) -> dict:

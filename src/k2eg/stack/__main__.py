@@ -113,6 +113,13 @@ def _security(ctx: click.Context, secure: bool | None, sasl_mechanism: str | Non
 def main(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None, bulk: int | None,
          gateway_command: str | None, secure: bool | None, sasl_mechanism: str | None, tls: bool | None) -> None:
     """Kafka + demo IOC + k2eg gateway on this machine (loopback only). Default command: run."""
+    if ctx.invoked_subcommand in (None, "run", "start"):
+        from k2eg.extras import missing_extra
+
+        why = missing_extra("k2eg-stack")
+        if why is not None:  # installed without the EPICS libraries: one sentence, not an import traceback
+            click.echo(why, err=True)
+            ctx.exit(2)
     _setup_logging()
     if ctx.invoked_subcommand is None:
         ctx.invoke(run)
