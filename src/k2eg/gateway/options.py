@@ -118,6 +118,9 @@ SPECS: tuple[Spec, ...] = (
                                          "default <cmd-input-topic>-gateway-state; one gateway per topic (ext)"),
     Spec("access-rules", default="", help="put access rules file (ext)"),
     Spec("read-only", _bool, False, "refuse every put (ext)"),
+    Spec("epics-realtime", _bool, False,
+         "keep the real-time priority (SCHED_FIFO) EPICS gives its threads when the process may use it "
+         "(root, CAP_SYS_NICE, RLIMIT_RTPRIO); off: dropped at start, see README (ext)"),
 )
 
 # Options of the C++ gateway's own internals (its ProgramOptions.h, plus spellings of
