@@ -159,8 +159,8 @@ def flood(ctx: Ctx, kind: str) -> None:
         time.sleep(T)
         load_g = meter.stop()
         t_stop = time.time()
-        ctx.note(bench, "realtime_threads", {"gateway": realtime_threads(ctx.gw_pid),
-                                             "flood_server": realtime_threads(server.pid)})
+        rt = {"gateway": realtime_threads(ctx.gw_pid), "flood_server": realtime_threads(server.pid)}
+        ctx.note(bench, "realtime_threads", rt)
         during = ctx.probe()
         server.send("stop")
         offered_g = sum(server.json()["updates"])
@@ -172,6 +172,9 @@ def flood(ctx: Ctx, kind: str) -> None:
         ctx.row(bench, "events/s appended to Kafka via gateway", rate, base_rate, ">= 0.85 x bare client",
                 rate >= 0.85 * base_rate, "ev/s")
         ctx.row(bench, "events lost callback->Kafka", check["lost"], None, "0", check["lost"] == 0, "ev")
+        asked = any("epics-realtime" in a for a in ctx.args.gw_arg)  # then any count is what was asked for
+        ctx.row(bench, "gateway threads at real-time priority", len(rt["gateway"]), None,
+                "(info: --epics-realtime)" if asked else "0", None if asked else not rt["gateway"], "thr")
         gw_cpu = load_g["gateway"]
         handled = sum(during.get(u, {}).get("count", 0) - before.get(u, {}).get("count", 0) for u in topics)
         ctx.note(bench, "gateway", {"events_per_s": round(rate), "offered_per_s": round(offered_g / T),
@@ -680,8 +683,8 @@ def machine() -> dict:
             "loadavg_start": os.getloadavg(), "realtime": realtime_possible()}
 
 
-def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) -> None:
-    L = ["# k2eg benchmark results", "", f"Produced by: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
+def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict, append: bool = False) -> None:
+    L = ["## Run" if append else "# k2eg benchmark results", "", f"Produced by: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
          f"Machine: {info['cpus']} x {info['cpu']}, Python {info['python']}, git {info['git']}  ",
          f"Code under test: {info['src']}" + (f", gateway extra args: {' '.join(ctx.args.gw_arg)}" if ctx.args.gw_arg else "")
          + "  ", f"Kafka data: {info['kafka_data']}  ",
@@ -701,6 +704,11 @@ def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) 
         L.append(f"| {r.bench} | {r.figure} | {r.value:,.4g} {r.unit} | {base} | {r.ratio} | {r.target} | {verdict} |")
     for name, err in failed.items():
         L.append(f"| {name} | did not complete | - | - | - | - | **ERROR** {err[:200]} |")
+    if append:  # one block among several runs: the table and the load the rest of the machine put on it
+        L += ["", "`other_cores` (cores busy outside this benchmark) per measured window: " + "; ".join(
+            f"{bench} {', '.join(f'{c:.2f}' for c in _other_cores(d))}" for bench, d in ctx.details.items()), ""]
+        path.write_text((path.read_text() if path.exists() else "") + "\n" + "\n".join(L) + "\n")
+        return
     L += ["", "## Details", "", "Loads: `machine_cores` = CPU busy on the whole machine, `bench_tree_cores` = this "
           "benchmark's processes (Kafka, IOC, gateway, workers), `other_cores` = everything else; per-process "
           "figures are cores used during the measured window.", ""]
@@ -710,6 +718,14 @@ def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) 
         L.append(json.dumps(d, indent=1, default=str))
         L.append("```")
     path.write_text("\n".join(L) + "\n")
+
+
+def _other_cores(detail) -> list[float]:
+    """Every ``other_cores`` figure in a benchmark's details, in order."""
+    if isinstance(detail, dict):
+        here = [detail["other_cores"]] if isinstance(detail.get("other_cores"), (int, float)) else []
+        return here + [c for v in detail.values() for c in _other_cores(v)]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -731,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
                          "anything (default: as invoked; the gateway, IOCs and servers drop them themselves, "
                          "--gw-arg=--epics-realtime --gw-arg=true keeps them in the gateway)")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's table after what --out holds (runs side by side, e.g. taking turns "
+                         "with and without --no-sys-nice) instead of replacing it")
     args = ap.parse_args(argv)
     unknown = set(args.names) - set(ORDER)
     if unknown:
@@ -780,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         info["realtime_threads"] = {"gateway": realtime_threads(stack.gateway_pid), "ioc": realtime_threads(stack.ioc.pid)}
         ctx.cmd.close()
         stack.stop()
-        write_results(args.out, ctx, info, command, failed)
+        write_results(args.out, ctx, info, command, failed, append=args.append)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {args.out} (total {time.monotonic() - t0:.0f}s)")
