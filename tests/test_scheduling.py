@@ -119,3 +119,18 @@ def test_a_gateway_without_the_privilege_says_it_cannot_have_real_time(stack, tm
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_drop_after_epics_started_says_it_came_too_late():
+    """EPICS threads that already run SCHED_FIFO keep it: the drop names them instead of claiming success."""
+    code = ("from p4p.client.thread import Context\n"
+            "from k2eg.scheduling import epics_scheduling\n"
+            "ctx = Context('pva')\n"
+            "try:\n    ctx.get('test:realtime:none', timeout=0.2)\nexcept Exception:\n    pass\n"
+            "print(epics_scheduling(False))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    env.update(EPICS_PVA_ADDR_LIST="127.0.0.1:1", EPICS_PVA_AUTO_ADDR_LIST="NO")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "real-time scheduling dropped too late: threads already at real-time priority: " in out.stdout
+    assert "PVXCTCP" in out.stdout
