@@ -73,7 +73,7 @@ def main() -> int:
     except options.OptionError:
         pass  # the gateway's main() reports it
     except ImportError:
-        pass  # --src of a tree older than k2eg.scheduling
+        pass  # a --src tree older than k2eg.scheduling
     if os.environ.get("K2EG_BENCH_TRACEMALLOC"):  # memory attribution runs only: slows the gateway a lot
         tracemalloc.start(1)
     from k2eg.gateway import __main__ as gw
