@@ -1,7 +1,7 @@
 """k2eg benchmark suite (issue 6): every figure next to a baseline measured in the same run.
 
 usage: .venv/bin/python -m bench [NAME ...] [--quick] [--profile] [options, see --help]   (or bench/run.sh ...)
-names: pva_flood ca_flood get_latency get_throughput monitor_delivery snapshot scale10k (default: all)
+names: pva_flood ca_flood flood_gets get_latency get_throughput monitor_delivery snapshot scale10k (default: all)
 
 Starts its own Stack (Kafka, demo IOC with bulk records, the gateway under
 bench/probe.py) in a temporary directory, runs the chosen benchmarks one
@@ -26,8 +26,9 @@ import msgpack
 
 from bench.util import HERE, PY, ROOT, Commander, Meter, Worker, log_append_time, pyspy_start, pyspy_summary, \
     read_topics, rss_mb, run_json
+from k2eg.scheduling import realtime_possible
 
-ORDER = ["pva_flood", "ca_flood", "get_latency", "get_throughput", "monitor_delivery", "snapshot", "scale10k"]
+ORDER = ["pva_flood", "ca_flood", "flood_gets", "get_latency", "get_throughput", "monitor_delivery", "snapshot", "scale10k"]
 LEGACY_VENV = Path(os.environ.get("K2EG_CACHE_DIR", Path.home() / ".cache" / "k2eg")) / "venv-k2eg-0.3.0-ck2.13.0"
 CLIENT = str(HERE / "client_worker.py")
 
@@ -122,12 +123,8 @@ def flood(ctx: Ctx, kind: str) -> None:
     """
     bench, n, T = f"{kind}_flood", ctx.args.flood_pvs, ctx.args.seconds
     names = [f"flood:{kind}:{i}" for i in range(n)]
-    p = ctx.ports
-    args = ([kind, str(n), str(p["pva_server"]), str(p["pva_bcast"])] if kind == "pva" else
-            [kind, str(n), str(p["ca_server"]), str(p["ca_pvas"]), str(p["ca_pvas_bcast"]), str(ctx.work)])
-    server = Worker(["-m", "bench.servers", *args], env=ctx.epics_env(), name=f"{kind} flood server")
+    server = _flood_server(ctx, kind)
     try:
-        server.expect("ready", 60)
         # -- baseline: a bare client process counting the same updates
         client = Worker(["-m", "bench.workers", "count", kind, *names], env=ctx.epics_env(), name=f"bare {kind} client")
         client.expect("ready", 60)
@@ -162,6 +159,8 @@ def flood(ctx: Ctx, kind: str) -> None:
         time.sleep(T)
         load_g = meter.stop()
         t_stop = time.time()
+        rt = {"gateway": realtime_threads(ctx.gw_pid), "flood_server": realtime_threads(server.pid)}
+        ctx.note(bench, "realtime_threads", rt)
         during = ctx.probe()
         server.send("stop")
         offered_g = sum(server.json()["updates"])
@@ -173,6 +172,9 @@ def flood(ctx: Ctx, kind: str) -> None:
         ctx.row(bench, "events/s appended to Kafka via gateway", rate, base_rate, ">= 0.85 x bare client",
                 rate >= 0.85 * base_rate, "ev/s")
         ctx.row(bench, "events lost callback->Kafka", check["lost"], None, "0", check["lost"] == 0, "ev")
+        asked = any("epics-realtime" in a for a in ctx.args.gw_arg)  # then any count is what was asked for
+        ctx.row(bench, "gateway threads at real-time priority", len(rt["gateway"]), None,
+                "(info: --epics-realtime)" if asked else "0", None if asked else not rt["gateway"], "thr")
         gw_cpu = load_g["gateway"]
         handled = sum(during.get(u, {}).get("count", 0) - before.get(u, {}).get("count", 0) for u in topics)
         ctx.note(bench, "gateway", {"events_per_s": round(rate), "offered_per_s": round(offered_g / T),
@@ -194,6 +196,62 @@ def flood(ctx: Ctx, kind: str) -> None:
             _settle(ctx, list(topics))
     finally:
         server.close()
+
+
+def _flood_server(ctx: Ctx, kind: str) -> Worker:
+    """A bench.servers flood source of ``--flood-pvs`` PVs, ready for ``go``."""
+    n, p = ctx.args.flood_pvs, ctx.ports
+    args = ([kind, str(n), str(p["pva_server"]), str(p["pva_bcast"])] if kind == "pva" else
+            [kind, str(n), str(p["ca_server"]), str(p["ca_pvas"]), str(p["ca_pvas_bcast"]), str(ctx.work)])
+    server = Worker(["-m", "bench.servers", *args], env=ctx.epics_env(), name=f"{kind} flood server")
+    try:
+        server.expect("ready", 60)
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+def flood_gets(ctx: Ctx) -> None:
+    """Gets (one thread) while the gateway forwards a PVA flood: what real-time priority would be for.
+
+    Baseline: the same get load on the quiet gateway, in the same run. Then the PVA flood server
+    floods ``--flood-pvs`` PVs, monitored through the gateway, while the gets run. The gets read a
+    demo IOC PV, the flood comes from its own server: both pass the gateway's one pvxs client
+    context (its PVXCTCP thread) and its Kafka producers. On 2 cores the machine is saturated, so
+    the gateway's dropped events (coalesced or lost, never in Kafka) are counted too.
+    """
+    bench, n, T = "flood_gets", ctx.args.flood_pvs, ctx.args.seconds
+    get = ["get", "local", "bench-flood-gets", "pva://variable:a", "1", str(T)]
+    quiet = run_json([CLIENT, *get], env=ctx.client_env())
+    uris = [f"pva://flood:pva:{i}" for i in range(n)]
+    server = _flood_server(ctx, "pva")
+    try:
+        rep = ctx.cmd.request({"command": "multi-monitor", "pv_name_list": uris})
+        if rep.get("error"):
+            raise RuntimeError(f"multi-monitor failed: {rep}")
+        time.sleep(1.0)
+        before = ctx.probe()
+        meter = Meter(gateway=ctx.gw_pid, server=server.pid, kafka=ctx.stack.kafka.pid)
+        server.send("go")
+        server.expect("going")
+        under = run_json([CLIENT, *get], env=ctx.client_env())
+        load = meter.stop()
+        during = ctx.probe()
+        server.send("stop")
+        offered = sum(server.json()["updates"])
+        after = _settle(ctx, uris)
+    finally:
+        server.close()
+    received = sum(during.get(u, {}).get("count", 0) - before.get(u, {}).get("count", 0) for u in uris)
+    dropped = after.get("_dropped", 0) - before.get("_dropped", 0)
+    ctx.row(bench, "get p50 under a PVA flood vs quiet gateway", under["p50_ms"], quiet["p50_ms"], "(info)", None, "ms")
+    ctx.row(bench, "get p99 under a PVA flood vs quiet gateway", under["p99_ms"], quiet["p99_ms"], "(info)", None, "ms")
+    ctx.row(bench, "flood events received by the gateway during the gets", received / under["seconds"], None,
+            "(info)", None, "ev/s")
+    ctx.row(bench, "flood events the gateway dropped (coalesced or lost)", dropped, None, "(info)", None, "ev")
+    ctx.note(bench, "gets", {"quiet": quiet, "under_flood": under, "offered_per_s": round(offered / under["seconds"]),
+                             "load": load, "realtime_threads": realtime_threads(ctx.gw_pid)})
 
 
 def _settle(ctx: Ctx, uris: list[str], quiet: float = 1.5, timeout: float = 60) -> dict:
@@ -582,7 +640,7 @@ def scale10k(ctx: Ctx) -> None:
             last["dropped_per_s"] == 0, "ev/s")
 
 
-BENCHES = {"pva_flood": lambda c: flood(c, "pva"), "ca_flood": lambda c: flood(c, "ca"),
+BENCHES = {"pva_flood": lambda c: flood(c, "pva"), "ca_flood": lambda c: flood(c, "ca"), "flood_gets": flood_gets,
            "get_latency": get_latency, "get_throughput": get_throughput, "monitor_delivery": monitor_delivery,
            "snapshot": snapshot, "scale10k": scale10k}
 
@@ -606,12 +664,14 @@ def make_stack(state_dir: Path, bulk: int, ports: dict, extra: list[str] = ()):
                  gateway_args=["--log-level", "warning", "--pv-connection-timeout", "30", *extra], gateway_timeout=120)
 
 
-def _can_realtime() -> bool:
-    """CAP_SYS_NICE in the effective set: EPICS will create SCHED_FIFO threads."""
-    for line in open("/proc/self/status"):
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) >> 23 & 1)
-    return False
+def realtime_threads(pid: int | None) -> list[str]:
+    """Names of the threads of ``pid`` that run at a real-time policy (SCHED_FIFO, SCHED_RR)."""
+    from k2eg.scheduling import REALTIME_POLICIES, thread_policies
+
+    try:
+        return sorted({name for name, policy in thread_policies(pid).values() if policy in REALTIME_POLICIES})
+    except (OSError, TypeError):  # gone, or not started
+        return []
 
 
 def machine() -> dict:
@@ -620,16 +680,20 @@ def machine() -> dict:
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "git": rev + (" + uncommitted changes in src/" if dirty.strip() else ""),
-            "loadavg_start": os.getloadavg(), "realtime": _can_realtime()}
+            "loadavg_start": os.getloadavg(), "realtime": realtime_possible()}
 
 
-def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) -> None:
-    L = ["# k2eg benchmark results", "", f"Produced by: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
+def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict, append: bool = False) -> None:
+    L = ["## Run" if append else "# k2eg benchmark results", "", f"Produced by: `{command}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
          f"Machine: {info['cpus']} x {info['cpu']}, Python {info['python']}, git {info['git']}  ",
          f"Code under test: {info['src']}" + (f", gateway extra args: {' '.join(ctx.args.gw_arg)}" if ctx.args.gw_arg else "")
          + "  ", f"Kafka data: {info['kafka_data']}  ",
-         "Real-time scheduling: " + ("allowed (EPICS threads run SCHED_FIFO)" if info["realtime"] else
-                                     "off (CAP_SYS_NICE dropped: every process runs SCHED_OTHER)") + "  ",
+         "Real-time scheduling: " + ("allowed (root with CAP_SYS_NICE, or RLIMIT_RTPRIO > 0)" if info["realtime"]
+                                     else "not allowed (no CAP_SYS_NICE, RLIMIT_RTPRIO 0"
+                                     + (": --no-sys-nice)" if ctx.args.no_sys_nice else ")"))
+         + "; threads at real-time priority at the end of the run: gateway "
+         + (", ".join(info["realtime_threads"]["gateway"]) or "none") + ", demo IOC "
+         + (", ".join(info["realtime_threads"]["ioc"]) or "none") + "  ",
          f"Load average at start / end: {info['loadavg_start'][0]:.2f} / {os.getloadavg()[0]:.2f} "
          "(other users of this machine run their own stacks; see `other_cores` per benchmark)", "",
          "| benchmark | figure | value | baseline (same run) | ratio | target | result |",
@@ -640,6 +704,11 @@ def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) 
         L.append(f"| {r.bench} | {r.figure} | {r.value:,.4g} {r.unit} | {base} | {r.ratio} | {r.target} | {verdict} |")
     for name, err in failed.items():
         L.append(f"| {name} | did not complete | - | - | - | - | **ERROR** {err[:200]} |")
+    if append:  # one block among several runs: the table and the load the rest of the machine put on it
+        L += ["", "`other_cores` (cores busy outside this benchmark) per measured window: " + "; ".join(
+            f"{bench} {', '.join(f'{c:.2f}' for c in _other_cores(d))}" for bench, d in ctx.details.items()), ""]
+        path.write_text((path.read_text() if path.exists() else "") + "\n" + "\n".join(L) + "\n")
+        return
     L += ["", "## Details", "", "Loads: `machine_cores` = CPU busy on the whole machine, `bench_tree_cores` = this "
           "benchmark's processes (Kafka, IOC, gateway, workers), `other_cores` = everything else; per-process "
           "figures are cores used during the measured window.", ""]
@@ -649,6 +718,14 @@ def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict) 
         L.append(json.dumps(d, indent=1, default=str))
         L.append("```")
     path.write_text("\n".join(L) + "\n")
+
+
+def _other_cores(detail) -> list[float]:
+    """Every ``other_cores`` figure in a benchmark's details, in order."""
+    if isinstance(detail, dict):
+        here = [detail["other_cores"]] if isinstance(detail.get("other_cores"), (int, float)) else []
+        return here + [c for v in detail.values() for c in _other_cores(v)]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,10 +742,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=400_000, help="events pre-filled for monitor_delivery (ours)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--disk", action="store_true", help="keep the stack's data (Kafka's log) on disk, not in /dev/shm")
-    ap.add_argument("--allow-rt", action="store_true",
-                    help="keep CAP_SYS_NICE: EPICS threads (IOCs, libca/pvxs in the gateway) then run SCHED_FIFO "
-                         "and can starve Kafka and librdkafka on a small machine")
+    ap.add_argument("--no-sys-nice", action="store_true",
+                    help="run without real-time privileges: drop CAP_SYS_NICE and RLIMIT_RTPRIO before starting "
+                         "anything (default: as invoked; the gateway, IOCs and servers drop them themselves, "
+                         "--gw-arg=--epics-realtime --gw-arg=true keeps them in the gateway)")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's table after what --out holds (runs side by side, e.g. taking turns "
+                         "with and without --no-sys-nice) instead of replacing it")
     args = ap.parse_args(argv)
     unknown = set(args.names) - set(ORDER)
     if unknown:
@@ -679,11 +760,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONPATH"] = str(args.src.resolve())
     names = [n for n in ORDER if n in (args.names or ORDER)]
     argv = sys.argv[1:] if argv is None else argv
-    if _can_realtime() and not args.allow_rt and shutil.which("setpriv"):
-        # Root may give EPICS threads real-time priority; one flooding IOC thread at SCHED_FIFO then
-        # starves every normal thread (Kafka, librdkafka). Drop the capability for the whole run.
-        os.execvp("setpriv", ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice", "--",
-                              PY, "-m", "bench", *argv])
+    if args.no_sys_nice:  # before any thread or process starts: every process of the run inherits it
+        from k2eg.scheduling import epics_scheduling
+        print(epics_scheduling(realtime=False)[1], flush=True)
     command = "python -m bench " + " ".join(argv)
     bulk = 10000 if "scale10k" in names else (1000 if "snapshot" in names else 0)
 
@@ -717,9 +796,10 @@ def main(argv: list[str] | None = None) -> int:
                 failed[name] = f"{type(e).__name__}: {e}"
             print(f"   ({time.monotonic() - t:.0f}s)", flush=True)
     finally:
+        info["realtime_threads"] = {"gateway": realtime_threads(stack.gateway_pid), "ioc": realtime_threads(stack.ioc.pid)}
         ctx.cmd.close()
         stack.stop()
-        write_results(args.out, ctx, info, command, failed)
+        write_results(args.out, ctx, info, command, failed, append=args.append)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {args.out} (total {time.monotonic() - t0:.0f}s)")

@@ -66,6 +66,14 @@ def _dumper() -> None:
 
 
 def main() -> int:
+    from k2eg.gateway import options
+    try:  # what the gateway's main() does first, done before this wrapper imports EPICS or starts a thread
+        from k2eg.scheduling import epics_scheduling
+        epics_scheduling(options.parse(sys.argv[1:]).epics_realtime)
+    except options.OptionError:
+        pass  # the gateway's main() reports it
+    except ImportError:
+        pass  # a --src tree older than k2eg.scheduling
     if os.environ.get("K2EG_BENCH_TRACEMALLOC"):  # memory attribution runs only: slows the gateway a lot
         tracemalloc.start(1)
     from k2eg.gateway import __main__ as gw

@@ -124,6 +124,9 @@ def ca(n: int, ca_port: int, pvas_port: int, pvas_bcast: int, work_dir: str) -> 
 
 
 if __name__ == "__main__":
+    # Flood sources stand in for IOCs on hosts of their own: normal scheduling, like the stack's IOC.
+    from bench.util import epics_scheduling
+    epics_scheduling(realtime=False)
     kind, *args = sys.argv[1:]
     if kind == "pva":
         pva(*map(int, args))

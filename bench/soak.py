@@ -300,6 +300,8 @@ def log(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve"]:
+        from bench.util import epics_scheduling
+        epics_scheduling(realtime=False)  # an IOC on a host of its own, like the stack's (k2eg.stack.ioc)
         n, hz, ca_port, pvas_port, pvas_bcast = map(int, argv[1:6])
         serve(n, hz, ca_port, pvas_port, pvas_bcast, argv[6])
         return 0

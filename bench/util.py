@@ -18,6 +18,18 @@ PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def epics_scheduling(realtime: bool = False) -> None:
+    """What every bench process that runs EPICS does first (k2eg.scheduling): call before EPICS or a thread starts.
+
+    A ``--src`` tree older than k2eg.scheduling has none: its processes then run as invoked.
+    """
+    try:
+        from k2eg.scheduling import epics_scheduling as first
+    except ImportError:
+        return
+    first(realtime)
+
+
 # ----------------------------------------------------------------------------- /proc
 
 def cpu_seconds(pid: int) -> float:

@@ -279,6 +279,11 @@ def produce1hz(bootstrap: str, size: int, seconds: float, topics: list[str]) -> 
 
 
 if __name__ == "__main__":
+    # Baselines at normal scheduling, as the gateway runs by default: as root a bare EPICS client would
+    # otherwise run SCHED_FIFO, ahead of every other process on a busy machine, and the ratio would
+    # move with the privileges the benchmark was started with rather than with the gateway.
+    from bench.util import epics_scheduling
+    epics_scheduling(realtime=False)
     cmd, *a = sys.argv[1:]
     if cmd == "count":
         count(a[0], a[1:])

@@ -1,6 +1,8 @@
 """Gateway options (PROTOCOL 9): a C++ gateway's launch line, environment or file must run ours unchanged."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from k2eg.gateway import options as O
@@ -195,6 +197,8 @@ def test_ignored_options_are_logged_as_warnings_at_startup(monkeypatch, caplog):
     from k2eg.gateway import __main__ as main_mod
 
     monkeypatch.setattr(main_mod, "setup_logging", lambda level, fmt: None)
+    import k2eg.scheduling  # main() in the test process: the test runner keeps its privileges
+    monkeypatch.setattr(k2eg.scheduling, "epics_scheduling", lambda realtime: (logging.DEBUG, "not changed"))
 
     class Stop(Exception):
         pass

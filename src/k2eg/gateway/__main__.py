@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     if why is not None:  # installed without the EPICS libraries: one sentence, not an import traceback
         print(why, file=sys.stderr)
         return 2
+    # First, on the main thread, before any other thread or EPICS library starts (k2eg.scheduling).
+    from k2eg.scheduling import epics_scheduling
+    scheduling = epics_scheduling(opts.epics_realtime)
     setup_logging(opts.log_level, opts.log_format)
+    log.log(*scheduling)
     for warning in opts.warnings:
         log.warning("%s", warning)
     from k2eg.transport import KafkaAccessError, check_credentials

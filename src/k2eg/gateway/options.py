@@ -149,6 +149,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("max-reply-topics", _positive(int), 1000,
          "reply topics the gateway creates for senders; beyond it a command whose reply topic does not exist "
          "is not run, only logged and counted (ext)"),
+    Spec("epics-realtime", _bool, False,
+         "keep the real-time priority (SCHED_FIFO) EPICS gives its threads when the process may use it "
+         "(root, CAP_SYS_NICE, RLIMIT_RTPRIO); off: dropped at start, see README (ext)"),
 )
 
 # Options of the C++ gateway's own internals (its ProgramOptions.h, plus spellings of

@@ -281,6 +281,10 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--pva-broadcast-port", type=int, required=True)
     ap.add_argument("--parent-pid", type=int, default=0)
     args = ap.parse_args(argv)
+    # It stands in for an IOC on a host of its own, here sharing the machine with Kafka and the
+    # gateway: at SCHED_FIFO its threads would take CPU from them that a real IOC does not.
+    from k2eg.scheduling import epics_scheduling
+    print(epics_scheduling(realtime=False)[1], flush=True)
     if args.parent_pid:
         threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
 
