@@ -28,6 +28,19 @@ def stack(tmp_path_factory):
         yield s
 
 
+@pytest.fixture(params=["embedded", "postgres"])
+def backend(request, stack):
+    """The stack's archiver on this backend (restarted when it changes; the postgres one in a group of its own,
+    so it archives the topics from their start)."""
+    if request.param == "postgres" and "--dsn" not in stack.archiver.args:
+        from .backends import cluster
+        stack.stop_archiver()
+        stack.archiver.args += ["--backend", "postgres", "--dsn", cluster().create_database(),
+                                "--group-id", "k2eg-archiver-pg"]
+        stack.start_archiver()
+    return request.param
+
+
 @pytest.fixture
 def k(stack):
     with dml(stack.environment, f"arch-{uuid.uuid4().hex[:8]}") as client:
@@ -70,7 +83,7 @@ class Seen:
             return list(self.values)
 
 
-def test_history_holds_every_value_once_across_a_kill_9(stack, k):
+def test_history_holds_every_value_once_across_a_kill_9(stack, backend, k):
     assert k.archive_add([COUNTER])["pvs"] == [COUNTER]      # the archiver also asks the gateway to monitor it
     seen = Seen()
     k.monitor(COUNTER, seen)
@@ -126,7 +139,7 @@ def test_history_holds_every_value_once_across_a_kill_9(stack, k):
     assert at["channel:counter"]["val"] == live[5]["value"]
 
 
-def test_a_snapshot_iteration_comes_back_equal_to_the_live_one(stack, k):
+def test_a_snapshot_iteration_comes_back_equal_to_the_live_one(stack, backend, k):
     name = f"arch_{uuid.uuid4().hex[:6]}"
     k.archive_add(snapshots=[name])
     rec = Recorder()
