@@ -381,7 +381,7 @@ def merge_iterations(records: list[dict]) -> list[dict]:
     for rec in records:
         for piece in rec.get("iterations", ()):
             cols = unwire_columns(piece["columns"])
-            if merged and merged[-1]["_key"] == (piece["iteration"], piece["tail_ms"]) and piece.get("_cont", True):
+            if merged and merged[-1]["_key"] == (piece["iteration"], piece["tail_ms"]):   # split by size
                 prev = merged[-1]["columns"]
                 for c in WIRE_COLUMNS:
                     prev[c].extend(cols[c])
