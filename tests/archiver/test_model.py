@@ -69,3 +69,11 @@ def test_iteration_record_has_the_handler_shape():
                             column_rows(rows.events), ["a", "b"])
     assert data == {"iteration": 3, "header_timestamp": 10, "tail_timestamp": 20, "timestamp": 20,
                     "a": [{"value": 1}, {"value": 2}], "b": [], "tags": {"k": "v"}}
+
+
+def test_trees_of_columns_equal_tree_of_each_row():
+    from k2eg.archiver.model import trees_of
+    rows = Rows()
+    for i, tree in enumerate(TREES * 2):
+        rows.add_event("t", 0, i, 1_000, "pv:x", tree)
+    assert trees_of(rows.events) == [tree_of(r) for r in column_rows(rows.events)] == TREES * 2

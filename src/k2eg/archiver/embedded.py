@@ -125,7 +125,7 @@ class EmbeddedStore(Store):
             for table, cols in (("events", rows.events), ("marks", rows.marks)):
                 if cols["offset"]:
                     try:
-                        self._write_file(table, cols, sort=True)
+                        self._write_file(table, cols, sort=False)    # compaction sorts
                     except (OSError, self._pa.ArrowException) as e:
                         raise StoreError(f"cannot write to the archive folder {self.root / table}: {e}") from None
                     n += len(cols["offset"])

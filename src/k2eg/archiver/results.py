@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import wire
-from .model import column_rows, iteration_record, tree_of
+from .model import column_rows, iteration_record, trees_of
 
 FRAME_COLUMNS = ("pv", "time", "value", "text", "severity", "status", "message", "kafka_ms")
 
@@ -17,7 +17,7 @@ def columns_of(parts: list[dict]) -> dict[str, list]:
 
 def trees(cols: dict[str, list]) -> list[dict]:
     """Columns -> value trees (what a monitor handler got), in row order."""
-    return [tree_of(row) for row in column_rows(cols)]
+    return trees_of(cols)
 
 
 def iterations_of(parts: list[dict]) -> list[dict]:
