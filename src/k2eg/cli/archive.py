@@ -87,28 +87,23 @@ def archive() -> None:
     """What the archivers record: archive add|remove|list."""
 
 
-@archive.command("add")
-@click.argument("pvs", nargs=-1)
-@click.option("--snapshot", "snapshots", multiple=True, help="a repeating snapshot to archive (repeatable)")
-@_TIMEOUT
-@click.pass_obj
-def archive_add(state: Any, pvs: Sequence[str], snapshots: Sequence[str], timeout: float) -> None:
-    """Archive PVs (names, patterns such as 'bulk:*', or URIs: a URI is also monitored) and snapshots."""
-    if not pvs and not snapshots:
-        raise click.UsageError("give PVs and/or --snapshot NAME")
-    click.echo(json.dumps(state.client.archive_add(list(pvs), list(snapshots), timeout=timeout)))
+def _change(name: str, verb: str, help_text: str) -> None:
+    """``archive add`` and ``archive remove``: the same arguments, one client call each."""
+    @archive.command(name, help=help_text)
+    @click.argument("pvs", nargs=-1)
+    @click.option("--snapshot", "snapshots", multiple=True, help=f"a repeating snapshot to {verb} (repeatable)")
+    @_TIMEOUT
+    @click.pass_obj
+    def change(state: Any, pvs: Sequence[str], snapshots: Sequence[str], timeout: float) -> None:
+        if not pvs and not snapshots:
+            raise click.UsageError("give PVs and/or --snapshot NAME")
+        call = getattr(state.client, f"archive_{name}")
+        click.echo(json.dumps(call(list(pvs), list(snapshots), timeout=timeout)))
 
 
-@archive.command("remove")
-@click.argument("pvs", nargs=-1)
-@click.option("--snapshot", "snapshots", multiple=True, help="a repeating snapshot to stop archiving")
-@_TIMEOUT
-@click.pass_obj
-def archive_remove(state: Any, pvs: Sequence[str], snapshots: Sequence[str], timeout: float) -> None:
-    """Stop archiving PV entries and snapshots (what is stored stays)."""
-    if not pvs and not snapshots:
-        raise click.UsageError("give PVs and/or --snapshot NAME")
-    click.echo(json.dumps(state.client.archive_remove(list(pvs), list(snapshots), timeout=timeout)))
+_change("add", "archive", "Archive PVs (names, patterns such as 'bulk:*', or URIs: a URI is also monitored) and "
+                          "snapshots.")
+_change("remove", "stop archiving", "Stop archiving PV entries and snapshots (what is stored stays).")
 
 
 @archive.command("list")
