@@ -14,3 +14,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
+# The archive's PostgreSQL tests start a throwaway cluster with the server tools (initdb, pg_ctl).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get install -y -q postgresql-15 || { apt-get update -q && apt-get install -y -q postgresql; }; } >/dev/null \
+      || echo "bootstrap: could not install PostgreSQL; the archive's PostgreSQL tests will fail" >&2
+  else
+    echo "bootstrap: PostgreSQL (initdb) is missing; install it for the archive's PostgreSQL tests" >&2
+  fi
+fi

@@ -347,4 +347,91 @@ class dml:  # noqa: N801 - the 0.3.0 name
         if t is not None:
             t.close()
 
+    # ------------------------------------------------------------- archive (ext, k2eg-archiver)
+    @property
+    def archive_topic(self) -> str:
+        """The archiver's command topic for this environment: ``<k2eg_cmd_topic>-archive``."""
+        from k2eg.archiver.wire import archive_topic
+        return archive_topic(self.environment.cmd_topic)
 
+    def _archive(self, command: str, timeout: float | None, **fields: Any) -> list[dict]:
+        """One archive command, its answer records (all parts); errors raise OperationError."""
+        from k2eg.archiver import wire
+        rid = self._t.reply_id()
+        data = wire.command(command, self._t.reply_topic, rid, **fields)
+        parts = self._t.request_parts(self.archive_topic, data, command, rid, 30.0 if timeout is None else timeout)
+        for rec in parts:
+            if rec.get("error", 0) != 0:
+                raise OperationError(rec["error"], rec.get("message"))
+        if not parts or not any(r.get("last") for r in parts):
+            raise OperationTimeout(f"Timeout during archive {command}: no complete answer from an archiver on "
+                                   f"topic '{self.archive_topic}' (is k2eg-archiver running?)")
+        return parts
+
+    @staticmethod
+    def _ns(when: Any, what: str) -> int:
+        from k2eg.archiver.wire import to_ns
+        return to_ns(when, what)
+
+    def history(self, pv_url: str, start: Any, end: Any, timeout: float | None = None, as_frame: bool = False):
+        """ext: every archived value of a PV with ``start <= time <= end`` (EPICS time), in time order.
+
+        Times: datetimes, ISO 8601 strings, or seconds since 1970. Returns value
+        trees as a monitor handler got them, or a pandas DataFrame with ``as_frame``.
+        """
+        from k2eg.archiver import results
+        pv = self._pv(pv_url)
+        parts = self._archive("history", timeout, pv_name=pv.name, start_ns=self._ns(start, "start"),
+                              end_ns=self._ns(end, "end"))
+        cols = results.columns_of(parts)
+        return results.frame(cols) if as_frame else results.trees(cols)
+
+    def values_at(self, pv_urls: list[str], when: Any, timeout: float | None = None, as_frame: bool = False):
+        """ext: for each PV its newest archived value at or before ``when`` (None if there is none), as the
+        Archiver Appliance's getDataAtTime; ``{pv_url: tree}``, or a DataFrame with ``as_frame``."""
+        from k2eg.archiver import results
+        pvs = self._pvs(pv_urls)
+        parts = self._archive("values_at", timeout, pv_name_list=[p.name for p in pvs],
+                              at_ns=self._ns(when, "when"))
+        cols = results.columns_of(parts)
+        if as_frame:
+            return results.frame(cols)
+        found = dict(zip(cols["pv"], results.trees(cols)))
+        return {url: found.get(pv.name) for url, pv in zip(dict.fromkeys(pv_urls), pvs)}
+
+    def snapshot_at(self, snapshot_name: str, when: Any, timeout: float | None = None, as_frame: bool = False):
+        """ext: the newest archived iteration of a repeating snapshot completed at or before ``when``, shaped as
+        ``snapshot_recurring`` handlers receive it (None if there is none)."""
+        from k2eg.archiver import results
+        self._validate_snapshot_name(snapshot_name)
+        its = results.iterations_of(self._archive("snapshot_at", timeout, snapshot_name=snapshot_name,
+                                                  at_ns=self._ns(when, "when")))
+        if as_frame:
+            return results.snapshot_frame(its)
+        return its[0] if its else None
+
+    def snapshot_iterations(self, snapshot_name: str, start: Any = None, end: Any = None,
+                            timeout: float | None = None, as_frame: bool = False):
+        """ext: every archived iteration of a repeating snapshot completed within ``[start, end]`` (None:
+        unbounded), oldest first, each shaped as ``snapshot_recurring`` handlers receive it."""
+        from k2eg.archiver import results
+        self._validate_snapshot_name(snapshot_name)
+        fields: dict[str, Any] = {"snapshot_name": snapshot_name}
+        if start is not None:
+            fields["start_ns"] = self._ns(start, "start")
+        if end is not None:
+            fields["end_ns"] = self._ns(end, "end")
+        its = results.iterations_of(self._archive("snapshot_iterations", timeout, **fields))
+        return results.snapshot_frame(its) if as_frame else its
+
+    def archive_add(self, pvs: list[str] = (), snapshots: list[str] = (), timeout: float | None = None) -> dict:
+        """ext: archive these PVs (names, fnmatch patterns, or URIs: a URI is also monitored) and snapshots."""
+        return self._archive("archive_add", timeout, pvs=list(pvs), snapshots=list(snapshots))[-1]["archive"]
+
+    def archive_remove(self, pvs: list[str] = (), snapshots: list[str] = (), timeout: float | None = None) -> dict:
+        """ext: stop archiving these PV entries and snapshots (what is stored stays)."""
+        return self._archive("archive_remove", timeout, pvs=list(pvs), snapshots=list(snapshots))[-1]["archive"]
+
+    def archive_list(self, timeout: float | None = None) -> dict:
+        """ext: what the archivers archive: ``{"pvs": [...], "snapshots": [...]}``."""
+        return self._archive("archive_list", timeout)[-1]["archive"]

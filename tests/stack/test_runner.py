@@ -144,8 +144,9 @@ def test_cli_start_env_stop(tmp_path, fake_gateway):
         assert "k2eg local stack is ready" in r.stdout
         st = read_state(state_dir)
         assert st is not None
-        pids = [st["pid"], st["kafka"]["pid"], st["ioc"]["pid"], st["gateway"]["pid"]]
+        pids = [st["pid"], st["kafka"]["pid"], st["ioc"]["pid"], st["gateway"]["pid"], st["archiver"]["pid"]]
         assert all(p and _alive(p) for p in pids)
+        assert st["archiver"]["http"].startswith("http://127.0.0.1:") and "archiver" in r.stdout
         assert Path(st["env_file"]).read_text().startswith("[DEFAULT]\nkafka_broker_url=127.0.0.1:")
 
         env = _cli("env", "--state-dir", str(state_dir))

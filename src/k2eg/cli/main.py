@@ -15,6 +15,7 @@ import click
 from k2eg import __version__
 from k2eg.client.errors import OperationError, OperationTimeout
 
+from . import archive as archive_commands
 from . import commands
 from .repl import run_repl
 
@@ -209,6 +210,8 @@ cli.add_command(click.Command("shell", callback=click.pass_context(_shell),
 cli.add_command(click.Command("repl", callback=click.pass_context(_shell), hidden=True,
                               help="Same as shell."))
 for _cmd in commands.ALL:
+    cli.add_command(_cmd)
+for _cmd in archive_commands.ALL:
     cli.add_command(_cmd)
 cli.add_command(StackCommand())
 

@@ -278,18 +278,22 @@ class ClientTransport:
 
     # ------------------------------------------------------------- commands
     def send(self, cmd: C.Command, on_error: Callable[[KafkaError], None] | None = None) -> None:
+        self.send_to(self.env.cmd_topic, C.to_json(cmd), cmd.name, cmd.reply_id, on_error)
+
+    def send_to(self, topic: str, data: bytes, what: str, reply_id: str | None,
+                on_error: Callable[[KafkaError], None] | None = None) -> None:
+        """Produce one command (JSON ``data``) to ``topic``; the gateway's and the archiver's commands alike."""
         def delivered(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
-                log.warning("command %s not delivered to topic %s: %s", cmd.reply_id, self.env.cmd_topic, err.str())
+                log.warning("command %s not delivered to topic %s: %s", reply_id, topic, err.str())
                 if on_error is not None:
                     on_error(err)
 
         if not self._running:
             raise ClientClosed("this k2eg client is closed")
-        data = C.to_json(cmd)
         for _ in range(50):
             try:
-                self.producer.produce(self.env.cmd_topic, data, on_delivery=delivered)
+                self.producer.produce(topic, data, on_delivery=delivered)
                 break
             except BufferError:  # the local queue is full: let it drain a little
                 self.producer.poll(0.1)
@@ -297,10 +301,10 @@ class ClientTransport:
                 err = e.args[0]
                 if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     raise OperationError(-1, (
-                        f"the {cmd.name} command is {len(data)} bytes, more than Kafka accepts; raise "
+                        f"the {what} command is {len(data)} bytes, more than Kafka accepts; raise "
                         f"message.max.bytes (kafka.message.max.bytes in {self.env.path}) and the limits of "
-                        f"the broker and topic '{self.env.cmd_topic}'")) from None
-                raise KafkaUnavailable(f"cannot send the {cmd.name} command to topic '{self.env.cmd_topic}' at "
+                        f"the broker and topic '{topic}'")) from None
+                raise KafkaUnavailable(f"cannot send the {what} command to topic '{topic}' at "
                                        f"{self.env.kafka_broker_url}: {err.str()}") from None
         else:
             raise KafkaUnavailable(f"the producer queue to {self.env.kafka_broker_url} stays full; is Kafka down?")
@@ -324,6 +328,27 @@ class ClientTransport:
         finally:
             with self._lock:
                 self._pending.pop(cmd.reply_id, None)
+
+    def request_parts(self, topic: str, data: bytes, what: str, reply_id: str, timeout: float | None) -> list[dict]:
+        """Send a command whose answer may come in several records, ending with one that has ``last``
+        true; the records in arrival order. OperationTimeout-free: returns what came when ``timeout``
+        passes without the last one (the caller says what is missing)."""
+        parts: list[dict] = []
+        p = Pending()
+
+        def sink(rec: dict) -> None:
+            parts.append(rec)
+            if rec.get("last") or rec.get("error", 0) != 0:
+                p.settle(rec)
+        self.open_stream(reply_id, sink)
+        try:
+            self.send_to(topic, data, what, reply_id, lambda err: p.fail(KafkaUnavailable(
+                f"command not delivered to topic '{topic}' at {self.env.kafka_broker_url}: {err.str()}")))
+            if p.wait(timeout) and p.error is not None:
+                raise p.error
+            return list(parts)
+        finally:
+            self.close_stream(reply_id)
 
     def open_stream(self, reply_id: str, sink: RecordSink) -> None:
         with self._lock:

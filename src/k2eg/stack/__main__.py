@@ -60,6 +60,8 @@ def format_summary(st: dict[str, Any]) -> str:
           if sec else []),
         f"  IOC       CA {ioc['ca']}, PVA {ioc['pva']}  (pid {ioc['pid']}, log {ioc['log']})",
         f"  gateway   command topic {st['cmd_topic']}  (pid {gw['pid']}, log {gw['log']})",
+        *([f"  archiver  {st['archiver']['http']}  (pid {st['archiver']['pid']}, log {st['archiver']['log']})"]
+          if st.get("archiver") else []),
         "",
         f"Client environment '{st['environment']}': {st['env_file']}",
         "  (or: eval \"$(k2eg-stack env --state-dir " + shlex.quote(st["state_dir"]) + ")\")",
@@ -96,6 +98,8 @@ def _stack_options(f):
     f = click.option("--sasl-mechanism", type=click.Choice(["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]),
                      default=None, help="with --secure (default SCRAM-SHA-256)")(f)
     f = click.option("--tls/--no-tls", default=None, help="with --secure: SASL_SSL (default) or SASL_PLAINTEXT")(f)
+    f = click.option("--archiver/--no-archiver", default=None,
+                     help="also run k2eg-archiver (embedded store under the state dir, HTTP retrieval); default on")(f)
     return f
 
 
@@ -111,7 +115,8 @@ def _security(ctx: click.Context, secure: bool | None, sasl_mechanism: str | Non
 @_stack_options
 @click.pass_context
 def main(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None, bulk: int | None,
-         gateway_command: str | None, secure: bool | None, sasl_mechanism: str | None, tls: bool | None) -> None:
+         gateway_command: str | None, secure: bool | None, sasl_mechanism: str | None, tls: bool | None,
+         archiver: bool | None) -> None:
     """Kafka + demo IOC + k2eg gateway on this machine (loopback only). Default command: run."""
     if ctx.invoked_subcommand in (None, "run", "start"):
         from k2eg.extras import missing_extra
@@ -131,18 +136,20 @@ def main(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None
 @click.pass_context
 def run(ctx: click.Context, state_dir: Path | None = None, kafka_bootstrap: str | None = None,
         bulk: int | None = None, gateway_command: str | None = None, secure: bool | None = None,
-        sasl_mechanism: str | None = None, tls: bool | None = None, gateway_args: Sequence[str] = ()) -> None:
+        sasl_mechanism: str | None = None, tls: bool | None = None, archiver: bool | None = None,
+        gateway_args: Sequence[str] = ()) -> None:
     """Run the stack in the foreground until Ctrl-C. Arguments after -- go to the gateway."""
     gateway_command = _from_group(ctx, "gateway_command", gateway_command)
     code = run_foreground(_state_dir(ctx, state_dir), _from_group(ctx, "kafka_bootstrap", kafka_bootstrap),
                           _from_group(ctx, "bulk", bulk) or 0, list(gateway_args),
                           shlex.split(gateway_command) if gateway_command else None,
+                          archiver=_from_group(ctx, "archiver", archiver) is not False,
                           **_security(ctx, secure, sasl_mechanism, tls))
     ctx.exit(code)
 
 
 def run_foreground(state_dir: Path, kafka_bootstrap: str | None, bulk: int, gateway_args: list[str],
-                   gateway_cmd: list[str] | None = None, **security: Any) -> int:
+                   gateway_cmd: list[str] | None = None, archiver: bool = True, **security: Any) -> int:
     existing = read_state(state_dir)
     if runner_alive(existing):
         click.echo(f"k2eg-stack: a stack is already running from {state_dir} (pid {existing['pid']}); "
@@ -160,7 +167,7 @@ def run_foreground(state_dir: Path, kafka_bootstrap: str | None, bulk: int, gate
     code = 0
     try:
         stack = Stack(state_dir, kafka_bootstrap=kafka_bootstrap, bulk=bulk, gateway_args=gateway_args,
-                      gateway_cmd=gateway_cmd, **security)
+                      gateway_cmd=gateway_cmd, archiver=archiver, **security)
         click.echo(f"k2eg-stack: starting in {state_dir} ...", err=True)
         stack.start()
         st = stack.describe()
@@ -203,7 +210,7 @@ def run_foreground(state_dir: Path, kafka_bootstrap: str | None, bulk: int, gate
 @click.pass_context
 def start(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | None, bulk: int | None,
           gateway_command: str | None, secure: bool | None, sasl_mechanism: str | None, tls: bool | None,
-          timeout: float, gateway_args: Sequence[str]) -> None:
+          archiver: bool | None, timeout: float, gateway_args: Sequence[str]) -> None:
     """Start the stack in the background and return once it is ready."""
     state_dir = _state_dir(ctx, state_dir)
     kafka_bootstrap = _from_group(ctx, "kafka_bootstrap", kafka_bootstrap)
@@ -226,6 +233,8 @@ def start(ctx: click.Context, state_dir: Path | None, kafka_bootstrap: str | Non
         cmd += ["--gateway-command", gateway_command]
     if security["secure"]:
         cmd += ["--secure", "--sasl-mechanism", security["mechanism"], "--tls" if security["tls"] else "--no-tls"]
+    if _from_group(ctx, "archiver", archiver) is False:
+        cmd += ["--no-archiver"]
     if gateway_args:
         cmd += ["--", *gateway_args]
     with open(log_path, "ab") as logf:

@@ -57,7 +57,8 @@ class Stack:
     def __init__(self, state_dir: Path, kafka_bootstrap: str | None = None, bulk: int = 0,
                  gateway_args: Sequence[str] = (), *, gateway_cmd: Sequence[str] | None = None,
                  ioc_factory: Any = None, gateway_timeout: float = 60, secure: bool = False, tls: bool = True,
-                 mechanism: str = "SCRAM-SHA-256") -> None:
+                 mechanism: str = "SCRAM-SHA-256", archiver: bool = False,
+                 archiver_args: Sequence[str] = ()) -> None:
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.external_bootstrap = kafka_bootstrap
         self.bulk = int(bulk)
@@ -90,6 +91,8 @@ class Stack:
         self._gateway_ready = threading.Event()
         self._gateway_tail: collections.deque[str] = collections.deque(maxlen=40)
         self._fresh = True
+        from .archiver import ArchiverProcess
+        self.archiver = ArchiverProcess(self.state_dir, archiver_args) if archiver else None
 
     # ---------------------------------------------------------------- addresses
 
@@ -143,7 +146,15 @@ class Stack:
                     raise ioc_error
             self.write_env_file()
             self.create_topic(self.cmd_topic)
-            self.start_gateway()
+            # The archiver needs only Kafka: it starts while the gateway does.
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="k2eg-archiver") as pool:
+                arch = pool.submit(self.start_archiver) if self.archiver is not None else None
+                try:
+                    self.start_gateway()
+                finally:
+                    arch_error = arch.exception() if arch is not None else None
+                if arch_error is not None:
+                    raise arch_error
         except BaseException:
             self.stop()
             raise
@@ -152,7 +163,7 @@ class Stack:
     def stop(self) -> None:
         """Reverse order: the gateway must not see its broker vanish first. Safe to call twice."""
         errors = []
-        for step in (self.stop_gateway, self.stop_ioc, self.stop_kafka):
+        for step in (self.stop_archiver, self.stop_gateway, self.stop_ioc, self.stop_kafka):
             try:
                 step()
             except Exception as e:  # keep going: one stuck part must not leave the others running
@@ -170,6 +181,8 @@ class Stack:
         """Name of a part that was started and has died since, for the foreground runner's watchdog."""
         if self._gateway is not None and self._gateway.poll() is not None:
             return f"the gateway exited with code {self._gateway.returncode} (log: {self.gateway_log})"
+        if self.archiver is not None and self.archiver.returncode is not None:
+            return f"the archiver exited with code {self.archiver.returncode} (log: {self.archiver.log_path})"
         if self.kafka is not None and self.kafka.returncode is not None:
             return f"the Kafka broker exited with code {self.kafka.returncode} (log: {self.kafka.log_path})"
         if getattr(self.ioc, "pid", None) is not None and not self.ioc.running:
@@ -321,6 +334,21 @@ class Stack:
         with contextlib.suppress(OSError):
             (self.state_dir / "gateway.pid").unlink()
 
+    # ---------------------------------------------------------------- archiver
+
+    def start_archiver(self, timeout: float = 60) -> None:
+        if self.archiver is None:
+            raise StackError("this stack was made without an archiver")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+        if self.security is not None:   # the login in the environment, not argv
+            env["K2EG_ARCHIVER_KAFKA_KV"] = "\n".join(f"{k}:{v}" for k, v in self.kafka_config(GATEWAY_USER).items()
+                                                      if k != "bootstrap.servers")
+        self.archiver.start(self.bootstrap, self.cmd_topic, env, timeout)
+
+    def stop_archiver(self) -> None:
+        if self.archiver is not None:
+            self.archiver.stop()
+
     # ---------------------------------------------------------------- description
 
     def describe(self) -> dict[str, Any]:
@@ -359,6 +387,12 @@ class Stack:
                 "pid": self.gateway_pid,
                 "group_id": GATEWAY_GROUP,
                 "log": str(self.gateway_log),
+            },
+            "archiver": None if self.archiver is None else {
+                "pid": self.archiver.pid,
+                "http": f"http://127.0.0.1:{self.archiver.http_port}/retrieval" if self.archiver.http_port else None,
+                "path": str(self.archiver.work_dir / "archive"),
+                "log": str(self.archiver.log_path),
             },
         }
 
@@ -412,7 +446,7 @@ def runner_alive(state: dict[str, Any] | None) -> bool:
 def kill_leftovers(state: dict[str, Any]) -> list[str]:
     """SIGKILL the parts a dead or stuck runner left behind; returns what was killed."""
     killed = []
-    parts = (("gateway", ("--cmd-input-topic",)), ("ioc", ("k2eg.stack.ioc",)), ("kafka", ("kafka.Kafka",)))
+    parts = (("archiver", ("k2eg.archiver",)), ("gateway", ("--cmd-input-topic",)), ("ioc", ("k2eg.stack.ioc",)), ("kafka", ("kafka.Kafka",)))
     for name, markers in parts:
         pid = (state.get(name) or {}).get("pid")
         if not pid or not _alive(pid):
