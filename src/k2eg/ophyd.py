@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, Callable, get_args, get_origin
 
@@ -184,28 +185,27 @@ class Converter:
 
 # ----------------------------------------------------------------------------- shared clients
 
-_clients: dict[tuple[str, str, int], AsyncClient] = {}
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], AsyncClient]]" = \
+    weakref.WeakKeyDictionary()
 
 
 async def shared_client(environment: str, app_name: str) -> AsyncClient:
     """One open client per environment, app name and event loop, for signals that name no client."""
-    loop = asyncio.get_running_loop()
-    key = (environment, app_name, id(loop))
-    client = _clients.get(key)
+    mine = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = mine.get((environment, app_name))
     if client is None:
-        client = _clients[key] = AsyncClient(environment, app_name)
+        client = mine[(environment, app_name)] = AsyncClient(environment, app_name)
     try:
         return await client.open()
     except BaseException:
-        _clients.pop(key, None)
+        mine.pop((environment, app_name), None)
         raise
 
 
 async def close_shared_clients() -> None:
     """Close the clients ``shared_client`` opened on the running loop."""
-    mine = [k for k in _clients if k[2] == id(asyncio.get_running_loop())]
-    for key in mine:
-        await _clients.pop(key).close()
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
 
 
 # ----------------------------------------------------------------------------- backend

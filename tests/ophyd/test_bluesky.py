@@ -63,7 +63,7 @@ def run_engine(stack):
     RE = RunEngine({})
     yield RE
     call_in_bluesky_event_loop(close_shared_clients())
-    assert k2eg_ophyd._clients == {}
+    assert len(k2eg_ophyd._clients) == 0
 
 
 def documents(RE, plan) -> dict[str, list]:
