@@ -171,7 +171,7 @@ class _Stream:
         return self._queue.dropped
 
     async def start(self) -> None:
-        if self._started:
+        if self._started or self._closed:
             return
         self._started = True
         try:
@@ -454,10 +454,11 @@ class AsyncClient:
         else:
             cmd = C.MultiMonitor(**envelope, pvs=new)
         await self._call(cmd, timeout, f"start monitor operation for {', '.join(pv.name for pv in new)}")
-        if m._closed or self._transport is None:
-            return
-        for pv in new:
-            t.subscribe(pv.topic, self._on_monitor_record)
+        with self._route_lock:  # read by whoever is still there: m, or a monitor that joined meanwhile
+            live = [pv for pv in new if pv.name in self._subs]
+        if self._transport is not None:
+            for pv in live:
+                t.subscribe(pv.topic, self._on_monitor_record)
 
     def _stop_monitor(self, m: Monitor) -> None:
         with self._route_lock:

@@ -229,8 +229,26 @@ def test_monitor_of_a_list_and_two_monitors_of_one_pv(stack, app_name):
     assert name == "channel:counter" and isinstance(value["value"], float)
 
 
+def test_a_monitor_joining_one_that_closes_before_its_reply_still_gets_values(stack, app_name):
+    async def main():
+        async with client(stack, app_name) as a:
+            first = a.monitor("pva://channel:counter")
+            starting = asyncio.create_task(first.start())
+            await asyncio.sleep(0)             # its command is out, the reply not yet read
+            assert len(a._t._pending) == 1
+            second = a.monitor("pva://channel:counter")
+            await second.start()               # joins: sends no command of its own
+            first.close()
+            await starting
+            return await asyncio.wait_for(second.__anext__(), T)
+
+    name, value = run(main())
+    assert name == "channel:counter" and isinstance(value["value"], float)
+
+
 def test_a_slow_consumer_does_not_stall_another_and_keeps_the_newest_value(stack, app_name):
-    """Two monitors of channel:counter (10 Hz): one never read while the other takes 30 updates.
+    """Two monitors of pva:counter (10 Hz, PVA only: CA and PVA monitors of one name share a topic,
+    so channel:counter could carry each value twice): one never read while the other takes 30 updates.
 
     The idle one (queue of 3) then holds at most 3 + 1 entries, the last being the newest
     value: older ones were replaced and counted in ``dropped``.
@@ -238,8 +256,8 @@ def test_a_slow_consumer_does_not_stall_another_and_keeps_the_newest_value(stack
 
     async def main():
         async with client(stack, app_name) as a:
-            async with a.monitor("ca://channel:counter", queue_size=3) as slow, \
-                    a.monitor("ca://channel:counter") as fast:
+            async with a.monitor("pva://pva:counter", queue_size=3) as slow, \
+                    a.monitor("pva://pva:counter") as fast:
                 values = []
                 async for _, v in fast:
                     values.append(v["value"])
@@ -247,7 +265,7 @@ def test_a_slow_consumer_does_not_stall_another_and_keeps_the_newest_value(stack
                         break
                 await asyncio.sleep(0.3)
                 backlog = [v["value"] for _, v in await slow._queue.take()]
-                newest = (await a.get("ca://channel:counter", T))["value"]
+                newest = (await a.get("pva://pva:counter", T))["value"]
                 return values, backlog, slow.dropped, newest
 
     values, backlog, dropped, newest = run(main())
