@@ -1,7 +1,8 @@
 """k2eg benchmark suite (issue 6): every figure next to a baseline measured in the same run.
 
 usage: .venv/bin/python -m bench [NAME ...] [--quick] [--profile] [options, see --help]   (or bench/run.sh ...)
-names: pva_flood ca_flood flood_gets get_latency get_throughput monitor_delivery snapshot scale10k (default: all)
+names: pva_flood ca_flood flood_gets get_latency get_throughput monitor_delivery snapshot scale10k aio_gets
+       aio_monitor (default: all)
 
 Starts its own Stack (Kafka, demo IOC with bulk records, the gateway under
 bench/probe.py) in a temporary directory, runs the chosen benchmarks one
@@ -28,9 +29,11 @@ from bench.util import HERE, PY, ROOT, Commander, Meter, Worker, log_append_time
     read_topics, rss_mb, run_json
 from k2eg.scheduling import realtime_possible
 
-ORDER = ["pva_flood", "ca_flood", "flood_gets", "get_latency", "get_throughput", "monitor_delivery", "snapshot", "scale10k"]
+ORDER = ["pva_flood", "ca_flood", "flood_gets", "get_latency", "get_throughput", "monitor_delivery", "snapshot", "scale10k",
+         "aio_gets", "aio_monitor"]
 LEGACY_VENV = Path(os.environ.get("K2EG_CACHE_DIR", Path.home() / ".cache" / "k2eg")) / "venv-k2eg-0.3.0-ck2.13.0"
 CLIENT = str(HERE / "client_worker.py")
+AIO_CLIENT = str(HERE / "aio_worker.py")
 
 
 @dataclass
@@ -425,6 +428,70 @@ def _mean_of_runs(runs: list[dict]) -> dict:
                 runs_gets_per_s=[round(r["gets_per_s"]) for r in runs])
 
 
+# ============================================================================ asyncio client (issue 20)
+
+def aio_gets(ctx: Ctx) -> None:
+    """Gets/s of 32 coroutines on one k2eg.aio client against 32 threads on one dml client.
+
+    Same PV, same gateway, one process each; the two take turns three times (this machine is
+    shared: turns keep a drift in its load from favouring either), after a 20 s warm-up.
+    """
+    bench, T, n = "aio_gets", ctx.args.seconds, 32
+    uri = "pva://variable:a"
+
+    def run(who: str, seconds: float = T) -> dict:
+        worker = AIO_CLIENT if who == "aio" else CLIENT
+        return run_json([worker, "get", "local", f"bench-aio-gets-{who}", uri, str(n), str(seconds)],
+                        env=ctx.client_env())
+
+    run("dml", max(T, 20.0))
+    runs: dict[str, list[dict]] = {"aio": [], "dml": []}
+    for who in ("aio", "dml", "dml", "aio", "aio", "dml"):  # ABBAAB: a steady drift favours neither
+        runs[who].append(run(who))
+        ctx.note(bench, f"turn_{who}_{len(runs[who])}", {"gets_per_s": round(runs[who][-1]["gets_per_s"]),
+                                                         "loadavg": os.getloadavg()[0]})
+    aio, threaded = _mean_of_runs(runs["aio"]), _mean_of_runs(runs["dml"])
+    ctx.row(bench, "async gets/s, 32 tasks on one client vs dml 32 threads", aio["gets_per_s"],
+            threaded["gets_per_s"], ">= 1 x dml", aio["gets_per_s"] >= threaded["gets_per_s"], "get/s")
+    # CPU per get in the measured window: what the client itself costs, less moved by the machine's load
+    # than a rate (a process of 32 runnable threads gets a larger share of a busy machine than one loop).
+    cpu = {who: 1e6 * sum(r["window_cpu_s"] for r in rs) / max(1, sum(r["gets"] for r in rs))
+           for who, rs in runs.items()}
+    ctx.row(bench, "client CPU per get, async vs dml (lower is better)", cpu["aio"], cpu["dml"], "(info)", None,
+            "us")
+    ctx.note(bench, "aio", aio)
+    ctx.note(bench, "dml", threaded)
+
+
+def aio_monitor(ctx: Ctx) -> None:
+    """Events an ``async for`` consumer of k2eg.aio takes, against dml's handler, from the same backlog.
+
+    The procedure of ``monitor_delivery`` (a topic pre-filled with ``--events`` copies of the
+    gateway's event) for both clients, taking turns twice. The async iterator's queue is made
+    large enough to hold the backlog, so the figure is delivery, not coalescing; a run with the
+    default bound (1000, newest value wins) is reported beside it with its ``dropped`` count.
+    """
+    bench, uri, count = "aio_monitor", "pva://variable:b", ctx.args.events
+    rate = lambda r: r["backlog_drain_per_s"] or r["overall_per_s"]  # noqa: E731
+    results: dict[str, list[dict]] = {"aio": [], "dml": []}
+    for who in ("aio", "dml", "dml", "aio"):  # ABBA: a steady drift in the machine's load favours neither
+        args = ([AIO_CLIENT, "monitor", "local", f"bench-aio-mon-{len(results[who])}", uri, "60", str(2 * count)]
+                if who == "aio" else None)
+        results[who].append(_deliver(ctx, f"{who}_{len(results[who])}", uri, count, PY, worker_args=args))
+        ctx.note(bench, f"turn_{who}_{len(results[who])}", {"per_s": rate(results[who][-1]),
+                                                            "loadavg": os.getloadavg()[0]})
+    bounded = _deliver(ctx, "aio_bounded", uri, count, PY,
+                       worker_args=[AIO_CLIENT, "monitor", "local", "bench-aio-mon-b", uri, "60", "1000"])
+    ctx.note(bench, "aio_default_bound", {k: bounded.get(k) for k in ("events", "sent", "overall_per_s",
+                                                                      "backlog_drain_per_s")})
+    aio = sum(rate(r) for r in results["aio"]) / len(results["aio"])
+    threaded = sum(rate(r) for r in results["dml"]) / len(results["dml"])
+    ctx.row(bench, "events/s to an async for consumer vs dml handler", aio, threaded, ">= 0.8 x dml",
+            aio >= 0.8 * threaded, "ev/s")
+    ctx.row(bench, "events/s, async for, default queue bound (newest wins)", rate(bounded), threaded,
+            "(info)", None, "ev/s")
+
+
 # ============================================================================ client monitor delivery
 
 def monitor_delivery(ctx: Ctx) -> None:
@@ -469,7 +536,8 @@ def _high_watermark(ctx: Ctx, topic: str) -> int:
         c.close()
 
 
-def _deliver(ctx: Ctx, who: str, uri: str, count: int, python: str | None, profile: bool = False) -> dict:
+def _deliver(ctx: Ctx, who: str, uri: str, count: int, python: str | None, profile: bool = False,
+             worker_args: list[str] | None = None) -> dict:
     import select
 
     from confluent_kafka import Producer
@@ -478,7 +546,7 @@ def _deliver(ctx: Ctx, who: str, uri: str, count: int, python: str | None, profi
     topic = name.replace(":", "_")
     app = f"bench-mon-{who.split('_')[0]}-{'p' if profile else 'm'}"
     ctx.stack.create_topic(f"{app}-reply")  # 0.3.0 waits for it but never creates it
-    worker = Worker([CLIENT, "monitor", "local", app, uri, "60"], python=python or legacy_python(),
+    worker = Worker(worker_args or [CLIENT, "monitor", "local", app, uri, "60"], python=python or legacy_python(),
                     env=ctx.client_env(legacy=python is None), name=f"{who} monitor client")
     prod = Producer({"bootstrap.servers": ctx.stack.bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
                      "queue.buffering.max.messages": 2_000_000, "queue.buffering.max.kbytes": 2 << 20})
@@ -642,6 +710,7 @@ def scale10k(ctx: Ctx) -> None:
 
 BENCHES = {"pva_flood": lambda c: flood(c, "pva"), "ca_flood": lambda c: flood(c, "ca"), "flood_gets": flood_gets,
            "get_latency": get_latency, "get_throughput": get_throughput, "monitor_delivery": monitor_delivery,
+           "aio_gets": aio_gets, "aio_monitor": aio_monitor,
            "snapshot": snapshot, "scale10k": scale10k}
 
 

@@ -47,6 +47,7 @@ def get(k, uri, threads, seconds):
         t.start()
     end[0] = time.monotonic() + seconds
     t0 = time.monotonic()
+    c0 = os.times()
     start.wait()
     for t in ts:
         t.join(seconds + 30)
@@ -54,7 +55,8 @@ def get(k, uri, threads, seconds):
     cpu = os.times()
     return {"gets": len(lat), "seconds": dt, "gets_per_s": len(lat) / dt, "p50_ms": pct(lat, 50),
             "p99_ms": pct(lat, 99), "errors": len(errors), "error_kinds": sorted(set(errors)),
-            "client_cpu_s": cpu.user + cpu.system}
+            "client_cpu_s": cpu.user + cpu.system,
+            "window_cpu_s": cpu.user + cpu.system - c0.user - c0.system}
 
 
 def monitor(k, uri, seconds):

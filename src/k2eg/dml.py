@@ -30,15 +30,71 @@ logger = logging.getLogger(__name__)
 GATEWAY_BEACON_S = 10.0  # how often gateways announce themselves (k2eg.gateway.status)
 
 
+# The rules both clients (this threaded one and k2eg.aio) apply to what users pass and what the gateway answers.
+
+def check_app_name(app_name: Any) -> None:
+    if app_name is None:
+        raise ValueError("The app name is mandatory")
+    if not isinstance(app_name, str) or not app_name or not all(c.isalnum() or c in "._-" for c in app_name):
+        raise ValueError(f"invalid app name {app_name!r}: use letters, digits, '.', '_' or '-' (it names a Kafka topic)")
+
+
+def parse_pv(pv_url: str):
+    """``pva://name`` -> a ``PvUri``; ValueError naming the problem."""
+    try:
+        return parse_pv_uri(pv_url)
+    except ProtocolError as e:
+        raise ValueError(e.message) from None
+
+
+def parse_pvs(pv_uri_list: list[str]) -> tuple:
+    if not isinstance(pv_uri_list, (list, tuple)) or not pv_uri_list:
+        raise ValueError("pv_uri_list must be a non-empty list of PV URIs")
+    return tuple(dict.fromkeys(parse_pv(u) for u in pv_uri_list))
+
+
+def reply_or_raise(rec: dict | None, what: str) -> dict:
+    """The gateway's reply, or OperationTimeout (none came) / OperationError (it refused)."""
+    if rec is None:
+        raise OperationTimeout(f"Timeout during {what}")
+    error = rec.get("error", 0)
+    if error != 0:
+        raise OperationError(error, rec.get("message"))
+    return rec
+
+
+def check_snapshot_name(snapshot_name: str) -> None:
+    if not isinstance(snapshot_name, str) or not SNAPSHOT_NAME.match(snapshot_name):
+        raise ValueError(f"Invalid snapshot name '{snapshot_name}'. Only alphanumeric characters, "
+                         "dashes, and underscores are allowed.")
+
+
+def repeating_snapshot_command(envelope: dict, properties: SnapshotProperties) -> tuple[C.RepeatingSnapshot, tuple]:
+    """The command starting ``properties``' snapshot, and its PVs."""
+    properties.validate()
+    pvs = parse_pvs(properties.pv_uri_list)
+    return C.RepeatingSnapshot(
+        **envelope, snapshot_name=properties.snapshot_name, pvs=pvs, time_window_msec=properties.time_window,
+        repeat_delay_msec=properties.repeat_delay, sub_push_delay_msec=properties.sub_push_delay_msec,
+        triggered=properties.triggered, kind=C.SnapshotKind(SnapshotType(properties.type).value),
+        field_filter=tuple(properties.pv_field_filter_list or ())), pvs
+
+
+def one_shot_result(result: dict) -> dict:
+    """A completed one-shot snapshot, or OperationError when the gateway refused the whole command."""
+    error = result.get("error", 0)
+    if error:
+        raise OperationError(error, result.get("message") or f"snapshot refused with error {error}")
+    result["error"] = 0
+    return result
+
+
 class dml:  # noqa: N801 - the 0.3.0 name
     """K2EG client: ``dml(environment_id, app_name)``; use as a context manager or call ``close()``."""
 
     def __init__(self, environment_id: str, app_name: str, group_name: str | None = None,
                  poll_timeout: float = 0.01, serialization: str = "msgpack", startup_timeout: float = 10.0):
-        if app_name is None:
-            raise ValueError("The app name is mandatory")
-        if not isinstance(app_name, str) or not app_name or not all(c.isalnum() or c in "._-" for c in app_name):
-            raise ValueError(f"invalid app name {app_name!r}: use letters, digits, '.', '_' or '-' (it names a Kafka topic)")
+        check_app_name(app_name)
         self._transport: ClientTransport | None = None
         self._serialization = C.Serialization.parse(serialization)
         self.environment = load_environment(environment_id)
@@ -77,34 +133,17 @@ class dml:  # noqa: N801 - the 0.3.0 name
 
     def parse_pv_url(self, pv_url: str) -> tuple[str, str]:
         """``pva://name`` -> ``("pva", "name")``; ValueError naming the problem."""
-        try:
-            pv = parse_pv_uri(pv_url)
-        except ProtocolError as e:
-            raise ValueError(e.message) from None
+        pv = parse_pv(pv_url)
         return pv.protocol, pv.name
 
-    def _pv(self, pv_url: str):
-        try:
-            return parse_pv_uri(pv_url)
-        except ProtocolError as e:
-            raise ValueError(e.message) from None
-
-    def _pvs(self, pv_uri_list: list[str]):
-        if not isinstance(pv_uri_list, (list, tuple)) or not pv_uri_list:
-            raise ValueError("pv_uri_list must be a non-empty list of PV URIs")
-        return tuple(dict.fromkeys(self._pv(u) for u in pv_uri_list))
+    _pv = staticmethod(parse_pv)
+    _pvs = staticmethod(parse_pvs)
 
     def _envelope(self) -> dict:
         return {"reply_topic": self._t.reply_topic, "reply_id": self._t.reply_id(), "serialization": self._serialization}
 
     def _call(self, cmd: C.Command, timeout: float | None, what: str) -> dict:
-        rec = self._t.request(cmd, timeout)
-        if rec is None:
-            raise OperationTimeout(f"Timeout during {what}")
-        error = rec.get("error", 0)
-        if error != 0:
-            raise OperationError(error, rec.get("message"))
-        return rec
+        return reply_or_raise(self._t.request(cmd, timeout), what)
 
     # ------------------------------------------------------------- operations
     def wait_for_backends(self, timeout: float = 30.0) -> bool:
@@ -252,23 +291,13 @@ class dml:  # noqa: N801 - the 0.3.0 name
         if not finished.wait(timeout):
             self._t.close_stream(rid)
             raise OperationTimeout(f"Timeout during snapshot operation for {pv_uri_list}")
-        error = result.get("error", 0)
-        if error:  # the gateway refused the whole command
-            raise OperationError(error, result.get("message") or f"snapshot refused with error {error}")
-        result["error"] = 0
-        return result
+        return one_shot_result(result)
 
     def snapshot_recurring(self, properties: SnapshotProperties, handler: Callable[[str, Dict[str, Any]], None],
                            timeout: float | None = None):
         """Start a repeating snapshot; ``handler(snapshot_name, iteration_dict)`` runs once per iteration."""
-        properties.validate()
-        pvs = self._pvs(properties.pv_uri_list)
+        cmd, pvs = repeating_snapshot_command(self._envelope(), properties)
         name = properties.snapshot_name
-        cmd = C.RepeatingSnapshot(
-            **self._envelope(), snapshot_name=name, pvs=pvs, time_window_msec=properties.time_window,
-            repeat_delay_msec=properties.repeat_delay, sub_push_delay_msec=properties.sub_push_delay_msec,
-            triggered=properties.triggered, kind=C.SnapshotKind(SnapshotType(properties.type).value),
-            field_filter=tuple(properties.pv_field_filter_list or ()))
         topic = snapshot_topic(name)
         def deliver(data: dict) -> None:
             t = self._transport  # None once closing: drop the iteration quietly
@@ -330,11 +359,7 @@ class dml:  # noqa: N801 - the 0.3.0 name
         finally:
             self._forget_recurring(snapshot_name)
 
-    @staticmethod
-    def _validate_snapshot_name(snapshot_name: str) -> None:
-        if not isinstance(snapshot_name, str) or not SNAPSHOT_NAME.match(snapshot_name):
-            raise ValueError(f"Invalid snapshot name '{snapshot_name}'. Only alphanumeric characters, "
-                             "dashes, and underscores are allowed.")
+    _validate_snapshot_name = staticmethod(check_snapshot_name)
 
     # ------------------------------------------------------------- close
     def close(self) -> None:

@@ -88,19 +88,25 @@ class Pending:
     row 30).
     """
 
-    __slots__ = ("_latch", "_claims", "record", "error")
+    __slots__ = ("_latch", "_claims", "record", "error", "_on_settle")
 
-    def __init__(self) -> None:
+    def __init__(self, on_settle: Callable[["Pending"], None] | None = None) -> None:
         self._latch = threading.Lock()
         self._latch.acquire()
         self._claims = itertools.count()
         self.record: dict | None = None
         self.error: BaseException | None = None
+        self._on_settle = on_settle  # for a waiter that cannot block (k2eg.aio): told on the settling thread
 
     def settle(self, record: dict | None = None, error: BaseException | None = None) -> None:
         if next(self._claims) == 0:  # atomic under the GIL: only the first caller gets 0
             self.record, self.error = record, error
             self._latch.release()
+            if self._on_settle is not None:
+                try:
+                    self._on_settle(self)
+                except Exception:  # the reply thread must go on serving everybody else
+                    log.exception("reply completion callback failed")
 
     def fail(self, error: BaseException) -> None:
         self.settle(error=error)
@@ -311,23 +317,40 @@ class ClientTransport:
         # No poll(0) here: it lets go of the GIL, and getting it back among 32 busy threads cost a
         # context switch per command; the reply loop serves delivery reports (EXPERIMENTS row 36).
 
-    def request(self, cmd: C.Command, timeout: float | None) -> dict | None:
-        """Send ``cmd`` and wait for its reply; None on timeout."""
-        p = Pending()
+    def submit(self, cmd: C.Command, on_settle: Callable[[Pending], None] | None = None) -> Pending:
+        """Send ``cmd``; its reply, or why none comes, settles the returned ``Pending``.
+
+        The one way commands await replies, blocking (``request``) or not (k2eg.aio passes
+        ``on_settle``). The caller must ``forget(cmd.reply_id)`` once it stops waiting.
+        """
+        p = Pending(on_settle)
         with self._lock:
             self._pending[cmd.reply_id] = p
         try:
             self.send(cmd, lambda err: p.fail(KafkaUnavailable(
                 f"command not delivered to topic '{self.env.cmd_topic}' at {self.env.kafka_broker_url}: "
                 f"{err.str()}")))
+        except BaseException:
+            self.forget(cmd.reply_id)
+            raise
+        return p
+
+    def forget(self, reply_id: str) -> None:
+        """Nobody waits for this reply any more (answered, timed out or cancelled): a late one is dropped."""
+        with self._lock:
+            self._pending.pop(reply_id, None)
+
+    def request(self, cmd: C.Command, timeout: float | None) -> dict | None:
+        """Send ``cmd`` and wait for its reply; None on timeout."""
+        p = self.submit(cmd)
+        try:
             if not p.wait(timeout):
                 return None
             if p.error is not None:
                 raise p.error
             return p.record
         finally:
-            with self._lock:
-                self._pending.pop(cmd.reply_id, None)
+            self.forget(cmd.reply_id)
 
     def request_parts(self, topic: str, data: bytes, what: str, reply_id: str, timeout: float | None) -> list[dict]:
         """Send a command whose answer may come in several records, ending with one that has ``last``
