@@ -127,7 +127,7 @@ def wait_all_handled(stack, timeout: float = T) -> None:
     try:
         tp = TopicPartition(stack.cmd_topic, 0)
         deadline = time.monotonic() + timeout
-        while c.committed([tp], timeout=10)[0].offset < c.get_watermark_offsets(tp, timeout=10)[1]:
+        while 0 < c.get_watermark_offsets(tp, timeout=10)[1] > c.committed([tp], timeout=10)[0].offset:
             assert time.monotonic() < deadline, "the gateway did not handle every command sent before"
             time.sleep(0.2)
     finally:
