@@ -4,8 +4,10 @@ started again in the same consumer group (issue 16).
 Every command must get a reply: after a SIGTERM exactly one; after a kill -9 a command may be answered
 again, but only with the same result. No put may be applied twice: the demo IOC's ``chaos:count`` counts
 the puts ``chaos:put`` received, and each put holds the record for 10 ms, so that a burst of puts sent
-just before the stop is still waiting in the gateway when it stops. Puts answered "outcome unknown" (started by the killed gateway, never
-finished) may or may not have been applied; they are counted and printed.
+just before the stop is still waiting in the gateway when it stops. Puts answered "outcome unknown"
+(started by the killed gateway, never finished) may or may not have been applied; they are counted and
+printed. On the main branch before issue 16 both stops lost commands (SIGTERM: 95 of 1023 unanswered;
+kill -9: 372 of 1111 in one run each).
 
 The client here is a plain Kafka producer and consumer, so that every reply the gateway sends is seen
 (our client stops at the first).
@@ -127,7 +129,7 @@ def wait_all_handled(stack, timeout: float = T) -> None:
     try:
         tp = TopicPartition(stack.cmd_topic, 0)
         deadline = time.monotonic() + timeout
-        while c.committed([tp], timeout=10)[0].offset < c.get_watermark_offsets(tp, timeout=10)[1]:
+        while 0 < c.get_watermark_offsets(tp, timeout=10)[1] > c.committed([tp], timeout=10)[0].offset:
             assert time.monotonic() < deadline, "the gateway did not handle every command sent before"
             time.sleep(0.2)
     finally:

@@ -246,8 +246,8 @@ def test_each_command_is_reported_handled_once_answered_and_only_then(calling_ba
     including gets answered from the provider's callback."""
     g, provider = calling_back, calling_back.providers["pva"]
     g.io.admin.created.add("app-reply")
-    put = {"command": "put", "pv_name": "pva://good:p", "value": C.encode_put_value({"value": 1}), "reply_topic": "app-reply",
-           "reply_id": "p"}
+    put = {"command": "put", "pv_name": "pva://good:p", "value": C.encode_put_value({"value": 1}),
+           "reply_topic": "app-reply", "reply_id": "p"}
     g.handle(_get("pva://good:a", "1"), json.dumps(put).encode(), b"{", _get("pva://good:a", "2"),
              json.dumps({"command": "status", "reply_topic": "app-reply", "reply_id": "s"}).encode(),
              at=[(0, 10), (0, 11), (0, 12), (0, 13), (0, 14)])
@@ -280,8 +280,8 @@ def test_a_put_read_again_after_a_crash_is_answered_and_not_applied_again():
     io, provider, journal = FakeIO(), FakeProvider(), RecordingJournal()
     g = Gateway(O.parse(OPTS, environ={}), io, {"pva": provider, "ca": provider}, journal=journal)
     try:
-        doc = {"command": "put", "pv_name": "pva://good:p", "value": C.encode_put_value({"value": 1}), "reply_topic": "app-reply",
-               "reply_id": "p"}
+        doc = {"command": "put", "pv_name": "pva://good:p", "value": C.encode_put_value({"value": 1}),
+               "reply_topic": "app-reply", "reply_id": "p"}
         journal.ledger.set((0, 5), Entry(put_digest(C.parse_command(json.dumps(doc)))))  # a gateway died meanwhile
         g.handle(json.dumps(doc).encode(), json.dumps({**doc, "reply_id": "q"}).encode(), at=[(0, 5), (0, 6)])
         g.workers.shutdown(wait=True)
