@@ -100,48 +100,49 @@ class Published:
             return True
 
 
-def test_a_capped_destination_gets_the_last_value_of_a_burst_and_an_uncapped_one_every_value():
-    provider, pub = Provider(), Published()
-    hub = MonitorHub({"pva": provider}, pub)
-    pv = parse_pv_uri("pva://x")
-    try:
-        hub.add_destination(pv, "capped", Serialization.MSGPACK, max_rate=5.0)
-        hub.add_destination(pv, "all", Serialization.MSGPACK)
-        for i in range(20):
-            provider.cb({"value": i})
-        assert pub.values("all") == list(range(20))
-        assert pub.wait(lambda: 19 in pub.values("capped"))  # the burst's last value, at the interval's end
-        assert pub.values("capped") == [0, 19]
-        assert hub.skipped() == 18
-        times = [t for t, topic, _ in pub.items if topic == "capped"]
-        assert times[1] - times[0] >= 0.2 * 0.9  # 5/s: the second one waited for the interval's end
-        hub.remove_destination(pv, "capped")
-        assert hub.skipped() == 18  # the total only grows
-    finally:
-        hub.close()
+PV = parse_pv_uri("pva://x")
 
 
-def test_a_repeated_command_changes_a_destinations_cap():
+@pytest.fixture
+def parts():
+    """A hub without refresh, its provider and what it published."""
     provider, pub = Provider(), Published()
     hub = MonitorHub({"pva": provider}, pub)
-    pv = parse_pv_uri("pva://x")
-    try:
-        hub.add_destination(pv, "d", Serialization.MSGPACK, max_rate=1.0)
-        hub.add_destination(pv, "d", Serialization.MSGPACK)  # no cap any more
-        assert hub.get(pv).throttles is None
-        for i in range(5):
-            provider.cb({"value": i})
-        assert pub.values("d") == list(range(5))
-    finally:
-        hub.close()
+    yield hub, provider, pub
+    hub.close()
+
+
+def test_a_capped_destination_gets_the_last_value_of_a_burst_and_an_uncapped_one_every_value(parts):
+    hub, provider, pub = parts
+    hub.add_destination(PV, "capped", Serialization.MSGPACK, max_rate=5.0)
+    hub.add_destination(PV, "all", Serialization.MSGPACK)
+    for i in range(20):
+        provider.cb({"value": i})
+    assert pub.values("all") == list(range(20))
+    assert pub.wait(lambda: 19 in pub.values("capped"))  # the burst's last value, at the interval's end
+    assert pub.values("capped") == [0, 19]
+    assert hub.skipped() == 18
+    times = [t for t, topic, _ in pub.items if topic == "capped"]
+    assert times[1] - times[0] >= 0.2 * 0.9  # 5/s: the second one waited for the interval's end
+    hub.remove_destination(PV, "capped")
+    assert hub.skipped() == 18  # the total only grows
+
+
+def test_a_repeated_command_changes_a_destinations_cap(parts):
+    hub, provider, pub = parts
+    hub.add_destination(PV, "d", Serialization.MSGPACK, max_rate=1.0)
+    hub.add_destination(PV, "d", Serialization.MSGPACK)  # no cap any more
+    assert hub.get(PV).throttles is None
+    for i in range(5):
+        provider.cb({"value": i})
+    assert pub.values("d") == list(range(5))
 
 
 def test_refresh_republishes_the_current_value_of_quiet_pvs_only():
     provider, pub = Provider(), Published()
     hub = MonitorHub({"pva": provider}, pub, refresh_period=0.2)
-    pv = parse_pv_uri("pva://x")
     try:
-        hub.add_destination(pv, "d", Serialization.MSGPACK)
+        hub.add_destination(PV, "d", Serialization.MSGPACK)
         provider.cb({"value": 7})
         assert pub.wait(lambda: pub.values("d").count(7) >= 3)  # the same current value, again and again
         assert hub.refreshes >= 2
@@ -150,7 +151,7 @@ def test_refresh_republishes_the_current_value_of_quiet_pvs_only():
     busy_provider, busy_pub = Provider(), Published()
     busy = MonitorHub({"pva": busy_provider}, busy_pub, refresh_period=1.0)
     try:
-        busy.add_destination(pv, "d", Serialization.MSGPACK)
+        busy.add_destination(PV, "d", Serialization.MSGPACK)
         end = time.monotonic() + 2.5
         i = 0
         while time.monotonic() < end:  # an event every 50 ms: never quiet for a whole period
@@ -162,14 +163,8 @@ def test_refresh_republishes_the_current_value_of_quiet_pvs_only():
         busy.close()
 
 
-def test_no_timer_thread_without_a_cap_or_a_refresh():
-    provider, pub = Provider(), Published()
-    hub = MonitorHub({"pva": provider}, pub)
-    try:
-        hub.add_destination(parse_pv_uri("pva://x"), "d", Serialization.MSGPACK)
-        provider.cb({"value": 1})
-        assert not [t for t in threading.enumerate() if t.name == "k2eg-monitor-timer" and t.is_alive()
-                    and getattr(hub, "_timer", None) is not None]
-        assert hub._timer is None
-    finally:
-        hub.close()
+def test_no_timer_thread_without_a_cap_or_a_refresh(parts):
+    hub, provider, pub = parts
+    hub.add_destination(PV, "d", Serialization.MSGPACK)
+    provider.cb({"value": 1})
+    assert hub._timer is None and pub.values("d") == [1]

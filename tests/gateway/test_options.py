@@ -289,3 +289,15 @@ def test_a_kafka_setting_the_python_client_reads_itself_becomes_a_bool_or_a_clea
         "delivery.report.only.error": True}
     with pytest.raises(O.OptionError, match="--pub-impl-kv delivery.report.only.error: expected true or false"):
         parse(*REQUIRED, "--pub-impl-kv", "delivery.report.only.error:maybe")
+
+
+def test_monitor_rate_cap_refresh_and_channel_idle_options():
+    o = parse(*REQUIRED)
+    assert (o.monitor_max_events_per_second, o.monitor_refresh_period, o.channel_idle_timeout) == (0.0, 0.0, 300.0)
+    o = parse(*REQUIRED, "--monitor-max-events-per-second", "2.5", "--monitor-refresh-period", "60",
+              "--channel-idle-timeout", "30")
+    assert (o.monitor_max_events_per_second, o.monitor_refresh_period, o.channel_idle_timeout) == (2.5, 60.0, 30.0)
+    for bad in (["--monitor-max-events-per-second", "-1"], ["--monitor-refresh-period", "-5"],
+                ["--channel-idle-timeout", "0"]):
+        with pytest.raises(O.OptionError, match=bad[0]):
+            parse(*REQUIRED, *bad)
