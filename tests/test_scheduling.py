@@ -6,6 +6,7 @@ Runs its own stack: it restarts the gateway with other options and restarts the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,8 @@ def test_epics_realtime_gives_the_gateways_epics_threads_sched_fifo(stack):
 
 def test_a_gateway_without_the_privilege_says_it_cannot_have_real_time(stack, tmp_path):
     """Asked for real-time priority it may not use, the gateway starts anyway and says why it has none."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to start the gateway without CAP_SYS_NICE")
     cmd = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice", "--", *stack.gateway_command(),
            "--epics-realtime", "true", "--cmd-input-topic", "test-realtime-unprivileged",
            "--sub-group-id", "test-realtime-unprivileged"]  # its own group: the stack's gateway does not rebalance

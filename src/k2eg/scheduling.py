@@ -137,7 +137,7 @@ def epics_scheduling(realtime: bool = False) -> tuple[int, str]:
                                  "an RLIMIT_RTPRIO above 0: EPICS threads run at normal scheduling")
     try:
         done = drop_realtime()
-    except OSError as e:
+    except (OSError, ValueError) as e:
         return logging.WARNING, (f"could not drop real-time scheduling ({e}): EPICS threads may run SCHED_FIFO "
                                  "and starve the Kafka threads")
     early = python_threads_holding_realtime() if done else []
