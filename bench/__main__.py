@@ -26,7 +26,7 @@ import msgpack
 
 from bench.util import HERE, PY, ROOT, Commander, Meter, Worker, log_append_time, pyspy_start, pyspy_summary, \
     read_topics, rss_mb, run_json
-from k2eg.scheduling import realtime_possible
+from k2eg import scheduling
 
 ORDER = ["pva_flood", "ca_flood", "flood_gets", "get_latency", "get_throughput", "monitor_delivery", "snapshot", "scale10k"]
 LEGACY_VENV = Path(os.environ.get("K2EG_CACHE_DIR", Path.home() / ".cache" / "k2eg")) / "venv-k2eg-0.3.0-ck2.13.0"
@@ -665,12 +665,10 @@ def make_stack(state_dir: Path, bulk: int, ports: dict, extra: list[str] = ()):
 
 
 def realtime_threads(pid: int | None) -> list[str]:
-    """Names of the threads of ``pid`` that run at a real-time policy (SCHED_FIFO, SCHED_RR)."""
-    from k2eg.scheduling import REALTIME_POLICIES, thread_policies
-
+    """k2eg.scheduling.realtime_threads of a process that may be gone or not started: then none."""
     try:
-        return sorted({name for name, policy in thread_policies(pid).values() if policy in REALTIME_POLICIES})
-    except (OSError, TypeError):  # gone, or not started
+        return scheduling.realtime_threads(pid)
+    except (OSError, TypeError):
         return []
 
 
@@ -680,7 +678,7 @@ def machine() -> dict:
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "git": rev + (" + uncommitted changes in src/" if dirty.strip() else ""),
-            "loadavg_start": os.getloadavg(), "realtime": realtime_possible()}
+            "loadavg_start": os.getloadavg(), "realtime": scheduling.realtime_possible()}
 
 
 def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict, append: bool = False) -> None:

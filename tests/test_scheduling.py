@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from k2eg.scheduling import CAP_SYS_NICE, REALTIME_POLICIES, thread_policies
+from k2eg.scheduling import CAP_SYS_NICE, realtime_threads, thread_policies
 
 from .stacks import own_stack
 
@@ -61,14 +61,10 @@ def _threads(pid: int) -> dict[int, tuple[str, int]]:
     return threads
 
 
-def _realtime(threads: dict[int, tuple[str, int]]) -> list[str]:
-    return sorted(name for name, policy in threads.values() if policy in REALTIME_POLICIES)
-
-
 def test_no_gateway_thread_runs_real_time_by_default_also_after_a_reconnect(stack):
     _gateway_reads_both_protocols(stack)
     before = _threads(stack.gateway_pid)
-    assert _realtime(before) == []
+    assert realtime_threads(stack.gateway_pid) == []
     # Threads made later: the IOC restarts, libca opens a new circuit with new threads.
     stack.ioc.stop()
     stack.ioc.start()
@@ -76,13 +72,13 @@ def test_no_gateway_thread_runs_real_time_by_default_also_after_a_reconnect(stac
     after = _threads(stack.gateway_pid)
     new = {tid: name for tid, (name, _) in after.items() if tid not in before}
     assert any(name.startswith("CAC-TCP") for name in new.values()), new
-    assert _realtime(after) == []
+    assert realtime_threads(stack.gateway_pid) == []
 
 
 def test_the_stack_ioc_runs_at_normal_scheduling(stack):
     threads = thread_policies(stack.ioc.pid)
     assert len(threads) > 5  # scan, CA and PVA server threads
-    assert _realtime(threads) == []
+    assert realtime_threads(stack.ioc.pid) == []
 
 
 def test_epics_realtime_gives_the_gateways_epics_threads_sched_fifo(stack):
@@ -118,7 +114,7 @@ def test_a_gateway_without_the_privilege_says_it_cannot_have_real_time(stack, tm
                 break
         text = "".join(lines)
         assert "real-time priority was asked for, but this process has neither CAP_SYS_NICE" in text, text
-        assert _realtime(thread_policies(proc.pid)) == []
+        assert realtime_threads(proc.pid) == []
     finally:
         proc.terminate()
         proc.wait(30)
