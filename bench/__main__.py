@@ -778,7 +778,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"k2eg bench: {', '.join(names)}; work dir {work}; load {info['loadavg_start'][0]:.2f}", flush=True)
     stack = make_stack(work / "stack", bulk, ports, args.gw_arg)
     t0 = time.monotonic()
-    stack.start()
+    try:
+        stack.start()
+    except BaseException:  # e.g. a broker too slow to start on a loaded machine (the stack stopped its parts)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     print(f"stack up in {time.monotonic() - t0:.0f}s (bulk={bulk})", flush=True)
     failed: dict[str, str] = {}
     ctx = Ctx(stack, Commander(stack.bootstrap, stack.cmd_topic), args, ports, work)
