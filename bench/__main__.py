@@ -27,7 +27,7 @@ import msgpack
 
 from bench.util import HERE, PY, ROOT, Commander, Meter, Worker, log_append_time, pyspy_start, pyspy_summary, \
     read_topics, rss_mb, run_json
-from k2eg.scheduling import realtime_possible
+from k2eg import scheduling
 
 ORDER = ["pva_flood", "ca_flood", "flood_gets", "get_latency", "get_throughput", "monitor_delivery", "snapshot", "scale10k",
          "aio_gets", "aio_monitor"]
@@ -734,12 +734,10 @@ def make_stack(state_dir: Path, bulk: int, ports: dict, extra: list[str] = ()):
 
 
 def realtime_threads(pid: int | None) -> list[str]:
-    """Names of the threads of ``pid`` that run at a real-time policy (SCHED_FIFO, SCHED_RR)."""
-    from k2eg.scheduling import REALTIME_POLICIES, thread_policies
-
+    """k2eg.scheduling.realtime_threads of a process that may be gone or not started: then none."""
     try:
-        return sorted({name for name, policy in thread_policies(pid).values() if policy in REALTIME_POLICIES})
-    except (OSError, TypeError):  # gone, or not started
+        return scheduling.realtime_threads(pid)
+    except (OSError, TypeError):
         return []
 
 
@@ -749,7 +747,7 @@ def machine() -> dict:
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "git": rev + (" + uncommitted changes in src/" if dirty.strip() else ""),
-            "loadavg_start": os.getloadavg(), "realtime": realtime_possible()}
+            "loadavg_start": os.getloadavg(), "realtime": scheduling.realtime_possible()}
 
 
 def write_results(path: Path, ctx: Ctx, info: dict, command: str, failed: dict, append: bool = False) -> None:
@@ -849,7 +847,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"k2eg bench: {', '.join(names)}; work dir {work}; load {info['loadavg_start'][0]:.2f}", flush=True)
     stack = make_stack(work / "stack", bulk, ports, args.gw_arg)
     t0 = time.monotonic()
-    stack.start()
+    try:
+        stack.start()
+    except BaseException:  # e.g. a broker too slow to start on a loaded machine (the stack stopped its parts)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     print(f"stack up in {time.monotonic() - t0:.0f}s (bulk={bulk})", flush=True)
     failed: dict[str, str] = {}
     ctx = Ctx(stack, Commander(stack.bootstrap, stack.cmd_topic), args, ports, work)

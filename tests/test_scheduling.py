@@ -6,13 +6,14 @@ Runs its own stack: it restarts the gateway with other options and restarts the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from k2eg.scheduling import CAP_SYS_NICE, REALTIME_POLICIES, thread_policies
+from k2eg.scheduling import CAP_SYS_NICE, realtime_threads, thread_policies
 
 from .stacks import own_stack
 
@@ -60,14 +61,10 @@ def _threads(pid: int) -> dict[int, tuple[str, int]]:
     return threads
 
 
-def _realtime(threads: dict[int, tuple[str, int]]) -> list[str]:
-    return sorted(name for name, policy in threads.values() if policy in REALTIME_POLICIES)
-
-
 def test_no_gateway_thread_runs_real_time_by_default_also_after_a_reconnect(stack):
     _gateway_reads_both_protocols(stack)
     before = _threads(stack.gateway_pid)
-    assert _realtime(before) == []
+    assert realtime_threads(stack.gateway_pid) == []
     # Threads made later: the IOC restarts, libca opens a new circuit with new threads.
     stack.ioc.stop()
     stack.ioc.start()
@@ -75,13 +72,13 @@ def test_no_gateway_thread_runs_real_time_by_default_also_after_a_reconnect(stac
     after = _threads(stack.gateway_pid)
     new = {tid: name for tid, (name, _) in after.items() if tid not in before}
     assert any(name.startswith("CAC-TCP") for name in new.values()), new
-    assert _realtime(after) == []
+    assert realtime_threads(stack.gateway_pid) == []
 
 
 def test_the_stack_ioc_runs_at_normal_scheduling(stack):
     threads = thread_policies(stack.ioc.pid)
     assert len(threads) > 5  # scan, CA and PVA server threads
-    assert _realtime(threads) == []
+    assert realtime_threads(stack.ioc.pid) == []
 
 
 def test_epics_realtime_gives_the_gateways_epics_threads_sched_fifo(stack):
@@ -102,6 +99,8 @@ def test_epics_realtime_gives_the_gateways_epics_threads_sched_fifo(stack):
 
 def test_a_gateway_without_the_privilege_says_it_cannot_have_real_time(stack, tmp_path):
     """Asked for real-time priority it may not use, the gateway starts anyway and says why it has none."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to start the gateway without CAP_SYS_NICE")
     cmd = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice", "--", *stack.gateway_command(),
            "--epics-realtime", "true", "--cmd-input-topic", "test-realtime-unprivileged",
            "--sub-group-id", "test-realtime-unprivileged"]  # its own group: the stack's gateway does not rebalance
@@ -115,7 +114,7 @@ def test_a_gateway_without_the_privilege_says_it_cannot_have_real_time(stack, tm
                 break
         text = "".join(lines)
         assert "real-time priority was asked for, but this process has neither CAP_SYS_NICE" in text, text
-        assert _realtime(thread_policies(proc.pid)) == []
+        assert realtime_threads(proc.pid) == []
     finally:
         proc.terminate()
         proc.wait(30)

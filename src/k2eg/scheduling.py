@@ -137,11 +137,11 @@ def epics_scheduling(realtime: bool = False) -> tuple[int, str]:
                                  "an RLIMIT_RTPRIO above 0: EPICS threads run at normal scheduling")
     try:
         done = drop_realtime()
-    except OSError as e:
+    except (OSError, ValueError) as e:
         return logging.WARNING, (f"could not drop real-time scheduling ({e}): EPICS threads may run SCHED_FIFO "
                                  "and starve the Kafka threads")
     early = python_threads_holding_realtime() if done else []
-    running = sorted({name for name, policy in thread_policies(os.getpid()).values() if policy in REALTIME_POLICIES})
+    running = realtime_threads(os.getpid())
     if early or running:
         return logging.WARNING, ("real-time scheduling dropped too late: "
                                  + "; ".join(filter(None, [
@@ -165,3 +165,8 @@ def thread_policies(pid: int) -> dict[int, tuple[str, int]]:
         except (OSError, ProcessLookupError):  # the thread ended meanwhile
             pass
     return out
+
+
+def realtime_threads(pid: int) -> list[str]:
+    """Names of the threads of process ``pid`` that run at a real-time policy (SCHED_FIFO, SCHED_RR)."""
+    return sorted({name for name, policy in thread_policies(pid).values() if policy in REALTIME_POLICIES})
