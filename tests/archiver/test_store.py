@@ -37,6 +37,7 @@ def test_history_is_every_value_in_time_order(store):
     assert h["value"] == [float(v) for v in range(10, 20)]
     assert [r["display"] for r in map(tree_of, column_rows(h))] == [{"units": "counts"}] * 10
     assert store.history("pv:a", 0, 10**19)["offset"] == list(range(50))
+    assert store.history("pv:a", 0, 10**19, limit=7)["offset"] == list(range(7))
     assert store.history("pv:zzz", 0, 10**19)["offset"] == []
 
 

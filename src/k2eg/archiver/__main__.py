@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", default=None, help="postgres backend: libpq connection string")
     p.add_argument("--flush-interval", type=float, default=1.0, help="seconds between writes to the store")
     p.add_argument("--flush-rows", type=int, default=50_000, help="rows that trigger a write before the interval")
+    p.add_argument("--max-answer-rows", type=int, default=5_000_000,
+                   help="history answers with more values are refused (ask for a shorter range)")
     p.add_argument("--http-port", type=int, default=None,
                    help="serve Archiver Appliance style retrieval over HTTP on this port (0: any free port)")
     p.add_argument("--http-host", default="127.0.0.1")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = ArchiverOptions(bootstrap=args.bootstrap, cmd_topic=cmd_topic, config_topic=args.config_topic,
                            group_id=args.group_id, gateway_cmd_topic=args.gateway_cmd_topic,
                            instance_id=f"{args.group_id}-{args.writer_id}",
-                           flush_interval=args.flush_interval, flush_rows=args.flush_rows, kafka=kafka)
+                           flush_interval=args.flush_interval, flush_rows=args.flush_rows, kafka=kafka,
+                           max_answer_rows=args.max_answer_rows)
     archiver = Archiver(opts, store)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -231,9 +231,10 @@ class EmbeddedStore(Store):
 
     _COLS = ", ".join(f'"{c}"' for c in EVENT_COLUMNS)
 
-    def history(self, pv: str, start_ns: int, end_ns: int) -> Columns:
+    def history(self, pv: str, start_ns: int, end_ns: int, limit: int | None = None) -> Columns:
         return self._query("events", f"SELECT {self._COLS} FROM {{t}} WHERE pv = ? AND t_ns BETWEEN ? AND ? "
-                           'AND snapshot IS NULL ORDER BY t_ns, "offset"', [pv, start_ns, end_ns])
+                           'AND snapshot IS NULL ORDER BY t_ns, "offset" LIMIT ?',
+                           [pv, start_ns, end_ns, limit if limit is not None else 2**62])
 
     def values_at(self, pvs: list[str], at_ns: int) -> Columns:
         if not pvs:

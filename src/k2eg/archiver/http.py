@@ -27,6 +27,7 @@ from .wire import ArchiveCommandError, query_pv_name, to_ns
 log = logging.getLogger("k2eg.archiver.http")
 
 MAX_BODY = 4 << 20
+MAX_ROWS = 5_000_000
 MAX_AT_PVS = 100_000
 
 
@@ -68,7 +69,10 @@ def get_data(store: Store, query: dict[str, list[str]]) -> list[dict]:
         end = to_ns(query["to"][0], "to") if "to" in query else now
     except ValueError as e:
         raise ArchiveCommandError(str(e)) from None
-    rows = column_rows(store.history(name, start, end))
+    cols = store.history(name, start, end, MAX_ROWS + 1)
+    if len(cols["pv"]) > MAX_ROWS:
+        raise ArchiveCommandError(f"more than {MAX_ROWS:,} values of {name} in that range: ask for a shorter range")
+    rows = column_rows(cols)
     return [{"meta": meta(name, rows), "data": [sample(r) for r in rows]}]
 
 

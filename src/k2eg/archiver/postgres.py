@@ -134,10 +134,10 @@ class PostgresStore(Store):
                 col.append(bytes(v) if isinstance(v, memoryview) else v)
         return out
 
-    def history(self, pv: str, start_ns: int, end_ns: int) -> Columns:
+    def history(self, pv: str, start_ns: int, end_ns: int, limit: int | None = None) -> Columns:
         return self._columns(f"SELECT {_SELECT} FROM k2eg_events e LEFT JOIN k2eg_rest r ON r.id = e.rest_id "
                              'WHERE e.pv = %s AND e.t_ns BETWEEN %s AND %s AND e.snapshot IS NULL '
-                             'ORDER BY e.t_ns, e."offset"', [pv, start_ns, end_ns], EVENT_COLUMNS)
+                             'ORDER BY e.t_ns, e."offset" LIMIT %s', [pv, start_ns, end_ns, limit], EVENT_COLUMNS)
 
     def values_at(self, pvs: list[str], at_ns: int) -> Columns:
         return self._columns(

@@ -34,7 +34,7 @@ from k2eg.transport import TopicAdmin
 
 from . import wire
 from .model import Rows
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger("k2eg.archiver")
 
@@ -57,6 +57,8 @@ class ArchiverOptions:
     flush_rows: int = 50_000
     topic_refresh: float = 2.0
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    max_answer_rows: int = 5_000_000     # a history answer beyond this is refused: narrow the range
+    store_retry: float = 2.0             # seconds between tries while the store refuses a batch
     kafka: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -289,8 +291,14 @@ class Archiver:
         if not len(rows) and not self._skipped_positions:
             self._last_flush = time.monotonic()
             return
-        if len(rows):
-            self.stored += self.store.write(rows)   # durable on return: only then commit
+        while len(rows):
+            try:
+                self.stored += self.store.write(rows)   # durable on return: only then commit
+                break
+            except StoreError as e:   # a full disk, a database restart: keep the batch, never commit past it
+                log.error("the store refused %d rows (retrying in %g s): %s", len(rows), self.opts.store_retry, e)
+                if self._stop.wait(self.opts.store_retry):    # stopping: the batch was never committed
+                    raise
         positions = dict(self._skipped_positions)
         for key, o in rows.high_offsets().items():
             positions[key] = max(o + 1, positions.get(key, -1))
@@ -444,7 +452,12 @@ class Archiver:
             with self._config_lock:
                 return [wire.ok_answer(rid, archive=self.config.describe())]
         if cmd.command == "history":
-            return wire.event_answers(rid, self.store.history(cmd.pvs[0], cmd.start_ns, cmd.end_ns), chunk)
+            cols = self.store.history(cmd.pvs[0], cmd.start_ns, cmd.end_ns, self.opts.max_answer_rows + 1)
+            if len(cols["pv"]) > self.opts.max_answer_rows:
+                raise wire.ArchiveCommandError(
+                    f"more than {self.opts.max_answer_rows:,} values of {cmd.pvs[0]} in that range (the archiver's "
+                    "--max-answer-rows): ask for a shorter range")
+            return wire.event_answers(rid, cols, chunk)
         if cmd.command == "values_at":
             return wire.event_answers(rid, self.store.values_at(list(cmd.pvs), cmd.at_ns), chunk)
         if cmd.command == "snapshot_at":

@@ -40,8 +40,9 @@ class Store(abc.ABC):
         """The highest offset stored per (topic, partition)."""
 
     @abc.abstractmethod
-    def history(self, pv: str, start_ns: int, end_ns: int) -> Columns:
-        """Every event of ``pv`` with ``start_ns <= t_ns <= end_ns``, in time order (then Kafka order)."""
+    def history(self, pv: str, start_ns: int, end_ns: int, limit: int | None = None) -> Columns:
+        """Every event of ``pv`` with ``start_ns <= t_ns <= end_ns``, in time order (then Kafka order); at most
+        ``limit`` rows."""
 
     @abc.abstractmethod
     def values_at(self, pvs: list[str], at_ns: int) -> Columns:
