@@ -11,12 +11,9 @@ import sys
 import time
 import traceback
 
+from client_worker import count_event, get_result  # run as a file: bench/ is on the path
+
 from k2eg.aio import AsyncClient
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else None
 
 
 async def get(k, uri, tasks, seconds):
@@ -43,12 +40,7 @@ async def get(k, uri, tasks, seconds):
     c0 = os.times()
     go.set()
     await asyncio.gather(*workers)
-    dt = time.monotonic() - t0
-    cpu = os.times()
-    return {"gets": len(lat), "seconds": dt, "gets_per_s": len(lat) / dt, "p50_ms": pct(lat, 50),
-            "p99_ms": pct(lat, 99), "errors": len(errors), "error_kinds": sorted(set(errors)),
-            "client_cpu_s": cpu.user + cpu.system,
-            "window_cpu_s": cpu.user + cpu.system - c0.user - c0.system}
+    return get_result(lat, errors, t0, c0)
 
 
 async def monitor(k, uri, seconds, queue_size):
@@ -77,13 +69,7 @@ async def monitor(k, uri, seconds, queue_size):
             continue
         if not ready:  # the gateway's own event, before the benchmark's
             continue
-        now = time.time()
-        state["n"] += 1
-        if state["first"] is None:
-            state["first"] = now
-        state["last"] = now
-        if state["n"] % 2000 == 0:
-            state["samples"].append((now, state["n"]))
+        count_event(state)
     if dog is not None:
         await dog
     cpu = os.times()

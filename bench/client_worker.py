@@ -51,12 +51,28 @@ def get(k, uri, threads, seconds):
     start.wait()
     for t in ts:
         t.join(seconds + 30)
+    return get_result(lat, errors, t0, c0)
+
+
+def get_result(lat, errors, t0, c0):
+    """One get-load figure (also bench/aio_worker.py's): rate, latency percentiles, errors, CPU."""
     dt = time.monotonic() - t0
     cpu = os.times()
     return {"gets": len(lat), "seconds": dt, "gets_per_s": len(lat) / dt, "p50_ms": pct(lat, 50),
             "p99_ms": pct(lat, 99), "errors": len(errors), "error_kinds": sorted(set(errors)),
             "client_cpu_s": cpu.user + cpu.system,
             "window_cpu_s": cpu.user + cpu.system - c0.user - c0.system}
+
+
+def count_event(state):
+    """One benchmark event (also bench/aio_worker.py's): count, first/last time, a sample every 2000."""
+    now = time.time()
+    state["n"] += 1
+    if state["first"] is None:
+        state["first"] = now
+    state["last"] = now
+    if state["n"] % 2000 == 0:
+        state["samples"].append((now, state["n"]))
 
 
 def monitor(k, uri, seconds):
@@ -73,14 +89,8 @@ def monitor(k, uri, seconds):
             return
         if not ready.is_set():  # the gateway's own event, before the benchmark's
             return
-        now = time.time()
         with lock:  # 0.3.0 runs handlers on a thread pool
-            state["n"] += 1
-            if state["first"] is None:
-                state["first"] = now
-            state["last"] = now
-            if state["n"] % 2000 == 0:
-                state["samples"].append((now, state["n"]))
+            count_event(state)
 
     k.monitor(uri, handler, 30)
     if not ready.wait(60):

