@@ -2,8 +2,6 @@
 a throwaway PostgreSQL cluster (one per test session)."""
 from __future__ import annotations
 
-import atexit
-
 from k2eg.archiver.embedded import EmbeddedStore
 
 BACKENDS = ["embedded", "postgres"]
@@ -18,8 +16,15 @@ def cluster():
     if _cluster is None:
         from k2eg.stack.postgres import ThrowawayPostgres
         _cluster = ThrowawayPostgres().start()
-        atexit.register(_cluster.stop)
     return _cluster
+
+
+def stop_cluster() -> None:
+    """End the session's cluster (tests/archiver/conftest.py, at the end of the session)."""
+    global _cluster
+    if _cluster is not None:
+        _cluster.stop()
+        _cluster = None
 
 
 def open_store(backend: str, tmp_path, request, **kw):

@@ -41,6 +41,20 @@ def test_history_is_every_value_in_time_order(store):
     assert store.history("pv:zzz", 0, 10**19)["offset"] == []
 
 
+def test_a_republished_event_is_listed_once(store):
+    from k2eg.archiver.store import drop_republished
+    rows = Rows()
+    counter(rows, "a", "pv:a", 0, 3)
+    counter(rows, "a", "pv:a", 2, 1, t0=102, offset0=3)        # the gateway published value 2 again
+    counter(rows, "a", "pv:a", 3, 2, t0=103, offset0=4)
+    rows.add_event("a", 0, 6, 0, "pv:a", {"value": 7})          # no EPICS stamp: never merged
+    rows.add_event("a", 0, 7, 0, "pv:a", {"value": 7})
+    store.write(rows)
+    h = store.history("pv:a", 0, 10**19)
+    assert len(h["offset"]) == 8                              # every record is stored
+    assert drop_republished(h)["value"] == [7.0, 7.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+
+
 def test_history_orders_by_time_not_arrival(store):
     rows = Rows()
     rows.add_event("a", 0, 0, 0, "pv", {"value": 2, "timeStamp": {"secondsPastEpoch": 20, "nanoseconds": 0}})

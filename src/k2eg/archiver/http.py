@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 from k2eg.protocol.codec import json_safe
 
 from .model import column_rows, tree_of
-from .store import Store
+from .store import Store, drop_republished
 from .wire import ArchiveCommandError, query_pv_name, to_ns
 
 log = logging.getLogger("k2eg.archiver.http")
@@ -72,7 +72,7 @@ def get_data(store: Store, query: dict[str, list[str]]) -> list[dict]:
     cols = store.history(name, start, end, MAX_ROWS + 1)
     if len(cols["pv"]) > MAX_ROWS:
         raise ArchiveCommandError(f"more than {MAX_ROWS:,} values of {name} in that range: ask for a shorter range")
-    rows = column_rows(cols)
+    rows = column_rows(drop_republished(cols))
     return [{"meta": meta(name, rows), "data": [sample(r) for r in rows]}]
 
 

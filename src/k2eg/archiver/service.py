@@ -34,7 +34,7 @@ from k2eg.transport import TopicAdmin
 
 from . import wire
 from .model import Rows
-from .store import Store, StoreError
+from .store import Store, StoreError, drop_republished
 
 log = logging.getLogger("k2eg.archiver")
 
@@ -156,7 +156,10 @@ class Archiver:
                                    "auto.offset.reset": "latest", "enable.auto.commit": True,
                                    "fetch.wait.max.ms": 10})
         self._commands.subscribe([self.opts.cmd_topic], on_assign=self._commands_assigned)
+        # roundrobin: PV topics have one partition each, and the default range assignor would give every
+        # topic's partition 0 to the same archiver of the group
         self._data = Consumer({**self._base, **static, "group.id": self.opts.group_id, "enable.auto.commit": False,
+                               "partition.assignment.strategy": "roundrobin",
                                "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50,
                                "topic.metadata.refresh.interval.ms": 5000})
         self._threads = [threading.Thread(target=self._ingest_loop, name="k2eg-archiver-ingest", daemon=True),
@@ -168,10 +171,18 @@ class Archiver:
                                f"{timeout:g} s")
 
     def _commands_assigned(self, consumer, partitions) -> None:
-        # A fresh group starts at the end: seek there explicitly so the first command is not skipped
-        # by an offset reset resolved later.
+        # Resume at the group's committed offset (commands sent while the partition moved between
+        # archivers are still answered); a fresh group starts at the end, sought explicitly so the
+        # first command is not skipped by an offset reset resolved later.
+        try:
+            committed = {(c.topic, c.partition): c.offset for c in consumer.committed(
+                [TopicPartition(p.topic, p.partition) for p in partitions], timeout=10)}
+        except KafkaException:
+            committed = {}
         for p in partitions:
-            if p.offset < 0:
+            if committed.get((p.topic, p.partition), -1) >= 0:
+                p.offset = committed[(p.topic, p.partition)]
+            else:
                 try:
                     _low, high = consumer.get_watermark_offsets(p, timeout=5)
                     p.offset = high
@@ -452,7 +463,8 @@ class Archiver:
             with self._config_lock:
                 return [wire.ok_answer(rid, archive=self.config.describe())]
         if cmd.command == "history":
-            cols = self.store.history(cmd.pvs[0], cmd.start_ns, cmd.end_ns, self.opts.max_answer_rows + 1)
+            cols = drop_republished(self.store.history(cmd.pvs[0], cmd.start_ns, cmd.end_ns,
+                                                       self.opts.max_answer_rows + 1))
             if len(cols["pv"]) > self.opts.max_answer_rows:
                 raise wire.ArchiveCommandError(
                     f"more than {self.opts.max_answer_rows:,} values of {cmd.pvs[0]} in that range (the archiver's "

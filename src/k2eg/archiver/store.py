@@ -73,6 +73,25 @@ class Store(abc.ABC):
         return assemble_iterations(snapshot, marks, start_ms, end_ms, newest_only, self.snapshot_events)
 
 
+_SAME_EVENT = ("pv", "epics_ns", "value", "text", "data", "severity", "status", "message")
+
+
+def drop_republished(cols: Columns) -> Columns:
+    """A history without the copies of an event the gateway re-published.
+
+    A repeated monitor command makes the gateway publish the PV's current
+    value again (PROTOCOL 6): the topic then holds the same EPICS event at
+    several offsets. Each is stored (one row per record), but a history lists
+    the event once: a row equal to the previous one in PV, EPICS time stamp,
+    value and alarm is dropped. Rows without an EPICS time stamp are kept.
+    """
+    keys = list(zip(*(cols[c] for c in _SAME_EVENT)))
+    keep = [i for i, k in enumerate(keys) if i == 0 or k[1] is None or k != keys[i - 1]]
+    if len(keep) == len(keys):
+        return cols
+    return {c: [col[i] for i in keep] for c, col in cols.items()}
+
+
 def assemble_iterations(snapshot: str, marks: Columns, start_ms: int | None, end_ms: int | None,
                         newest_only: bool, fetch) -> list[dict]:
     """Marks (Headers, Tails) -> iterations with their rows; ``fetch`` reads Data rows by offset range."""
