@@ -47,6 +47,10 @@ RecordSink = Callable[[dict], None]           # a reply-topic record for one rep
 TopicSink = Callable[[str, Any], None]        # (topic, decoded record) from a subscribed topic
 
 
+# A topic created a moment ago answers these until its partition leader is elected.
+_LEADER_PENDING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                             KafkaError.UNKNOWN_TOPIC_OR_PART})
+
 class KafkaLog(KafkaWatch):
     """librdkafka's log lines, on Python logging (confluent-kafka's ``logger`` option) instead of stderr.
 
@@ -256,11 +260,17 @@ class ClientTransport:
                                     "topic metadata incomplete")
         tps = []
         for p in parts:
-            try:
-                _, high = self._replies.get_watermark_offsets(TopicPartition(self.reply_topic, p), timeout=left())
-            except KafkaException as e:
-                raise self._unavailable(
-                    f"cannot read the end of '{self.reply_topic}' on {self.env.kafka_broker_url}", e) from None
+            while True:  # a topic just created may not have its leader yet: retriable until the deadline
+                try:
+                    _, high = self._replies.get_watermark_offsets(TopicPartition(self.reply_topic, p),
+                                                                  timeout=left())
+                    break
+                except KafkaException as e:
+                    code = e.args[0].code() if e.args and hasattr(e.args[0], "code") else None
+                    if not (code in _LEADER_PENDING and time.monotonic() < deadline):
+                        raise self._unavailable(
+                            f"cannot read the end of '{self.reply_topic}' on {self.env.kafka_broker_url}", e) from None
+                    time.sleep(0.1)
             tps.append(TopicPartition(self.reply_topic, p, high))
         self._replies.assign(tps)
         self._events = Consumer(self._config(
