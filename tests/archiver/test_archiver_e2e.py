@@ -72,7 +72,11 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.2):
 
 
 class Seen:
-    """What a monitor of the same PV delivered."""
+    """The distinct events a monitor of the same PV delivered.
+
+    A monitor command for a PV already monitored makes the gateway publish its current value again
+    (PROTOCOL 5); the archive lists such a repeat once, so the monitor's copy is kept once here too.
+    """
 
     def __init__(self):
         self.values: list[dict] = []
@@ -80,6 +84,8 @@ class Seen:
 
     def __call__(self, _name, tree):
         with self.lock:
+            if self.values and ts_ns(self.values[-1]) == ts_ns(tree) and same(self.values[-1], tree):
+                return
             self.values.append(tree)
 
     def snapshot(self) -> list[dict]:
